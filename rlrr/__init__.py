@@ -1,0 +1,21 @@
+"""rlrr: Residual-based Low-Rank Rescaling (Dong et al., CVPR 2024) for pretrained vision backbones.
+
+    model = rlrr.create_backbone("vit_base_patch16_224", weights="ViT-B_16.npz", num_classes=100)
+    model = rlrr.apply(model, rlrr.RLRRConfig())
+    ... train ...
+    rlrr.save_adapter(model, "adapter.safetensors")
+    plain = rlrr.merge(model)  # the untouched timm architecture, zero inference overhead
+"""
+__version__ = "0.1.0"
+
+from .adapter import AdapterMismatchError, load_adapter, save_adapter
+from .backbones import BackboneError, create_backbone
+from .methods import base as _base
+from .methods.base import MergeError, apply, format_summary, get_method, make_config, merge, summary, trainable_parameters
+from .methods.rlrr import RLRRConfig, RescaledConv2d, RescaledLinear
+from .methods.ssf import SSFConfig
+
+__all__ = ["AdapterMismatchError", "BackboneError", "MergeError", "RLRRConfig", "RescaledConv2d", "RescaledLinear",
+           "SSFConfig", "apply", "create_backbone", "format_summary", "get_method", "load_adapter", "make_config",
+           "merge", "save_adapter", "summary", "trainable_parameters"]
+del _base

@@ -1,0 +1,95 @@
+"""Adapter files: the trainable tensors of a model (method parameters + head) in safetensors.
+
+The metadata says which method, with which config, on which backbone, so ``load_adapter`` can
+rebuild the method on a fresh backbone and refuse, in one line, a file that does not fit it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .backbones import architecture
+from .methods.base import apply, make_config, trainable_parameters
+
+FORMAT = "rlrr-adapter/1"
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter file does not fit the model it is loaded onto."""
+
+
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model)}
+
+
+def adapter_metadata(model: torch.nn.Module) -> dict[str, str]:
+    from . import __version__
+    cfg = getattr(model, "peft_config", None)
+    return {"format": FORMAT, "method": getattr(model, "peft_method", None) or "none",
+            "config": json.dumps(dataclasses.asdict(cfg) if cfg is not None else {}),
+            "backbone": architecture(model), "library_version": __version__,
+            "shapes": json.dumps({n: list(p.shape) for n, p in trainable_parameters(model)})}
+
+
+def save_adapter(model: torch.nn.Module, path: str | Path, extra: dict[str, str] | None = None) -> Path:
+    """Write the trainable tensors and metadata; atomic (temp file + rename) so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(adapter_state(model), str(tmp), metadata={**adapter_metadata(model), **(extra or {})})
+    with open(tmp, "rb") as f:
+        import os
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise AdapterMismatchError(f"{path} is not a readable safetensors adapter ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise AdapterMismatchError(f"{path} is not an rlrr adapter (format {meta.get('format')!r}); "
+                                   "save adapters with rlrr.save_adapter")
+    return tensors, meta
+
+
+def load_adapter(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load an adapter; applies its method first if the model is a plain backbone. Returns the model."""
+    tensors, meta = read_adapter(path)
+    if getattr(model, "peft_method", None) is None and meta["method"] != "none":
+        model = apply(model, make_config(meta["method"], **json.loads(meta["config"])))
+    elif getattr(model, "peft_method", None) not in (None, meta["method"]):
+        raise AdapterMismatchError(f"{path} holds a {meta['method']} adapter but the model has "
+                                   f"{model.peft_method} applied; load it onto a plain backbone")
+    own = dict(model.named_parameters())
+    hint = f" (the adapter was trained on {meta['backbone']}; load it onto that backbone)" \
+        if meta["backbone"] != architecture(model) else ""
+    for name, p in own.items():  # model order, so the first mismatch named is the first layer
+        t = tensors.get(name)
+        if t is not None and p.shape != t.shape:
+            extra = " (different num_classes? create the backbone with the adapter's class count)" \
+                if not hint and name.split(".")[0] in ("head", "fc") else hint
+            raise AdapterMismatchError(f"{path} does not fit: '{name}' is {tuple(p.shape)} in the model "
+                                       f"but {tuple(t.shape)} in the file{extra}")
+    unknown = [n for n in tensors if n not in own]
+    if unknown:
+        raise AdapterMismatchError(f"{path} does not fit: the model has no layer '{unknown[0]}'{hint}")
+    missing = [n for n, _ in trainable_parameters(model) if n not in tensors]
+    if missing:
+        raise AdapterMismatchError(f"{path} does not fit: it lacks '{missing[0]}' that this model trains{hint}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            own[name].copy_(t)
+    return model

@@ -1,0 +1,184 @@
+"""Backbones: timm creation, local weight files, and per-family knowledge of where to adapt.
+
+A *family* tells methods which modules are the block linears (attention q/k/v/proj, MLP fc1/fc2),
+which are the norms that SSF-style rescaling follows, and how the fused qkv is treated by default.
+Everything else about a model is timm's business.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer, _load_weights
+
+
+class BackboneError(RuntimeError):
+    """A backbone or its weights could not be set up; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    linear: str  # regex over module names: the layers that get rescaled
+    norms: str  # regex over module names: modules whose output gets SSF scale/shift
+    qkv: str  # default treatment of a fused qkv Linear: "split" (3 groups) or "fused"
+    reduction: str = ""  # optional extra targets (Swin patch merging) selectable by config
+
+
+FAMILIES = {
+    "vit": Family("vit", r"blocks\.\d+\.(attn\.(qkv|q|k|v|proj)|mlp\.fc[12])",
+                  r"blocks\.\d+\.norm[12]|patch_embed|norm|fc_norm", qkv="split"),
+    "swin": Family("swin", r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",
+                   r"layers\.\d+\.blocks\.\d+\.norm[12]|patch_embed|norm", qkv="fused",
+                   reduction=r"layers\.\d+\.downsample\.reduction"),
+    "convnext": Family("convnext", r"stages\.\d+\.blocks\.\d+\.(conv_dw|mlp\.fc[12])",
+                       r"stages\.\d+\.blocks\.\d+\.norm|stem\.1|head\.norm", qkv="fused"),
+    "resnet": Family("resnet", r"layer\d\.\d+\.(conv\d|downsample\.0)", r"layer\d\.\d+\.bn\d|bn1", qkv="fused"),
+}
+
+
+def family_of(model: torch.nn.Module) -> Family:
+    """The family of a timm model, by class, so that any ViT/DeiT/Swin/ConvNeXt/ResNet variant works."""
+    from timm.models.convnext import ConvNeXt
+    from timm.models.resnet import ResNet
+    from timm.models.swin_transformer import SwinTransformer
+    for cls, key in ((VisionTransformer, "vit"), (SwinTransformer, "swin"), (ConvNeXt, "convnext"), (ResNet, "resnet")):
+        if isinstance(model, cls):
+            return FAMILIES[key]
+    raise BackboneError(f"{type(model).__name__} is not a supported family; use a timm ViT/DeiT, Swin, ConvNeXt or ResNet")
+
+
+def matching(model: torch.nn.Module, pattern: str) -> list[tuple[str, torch.nn.Module]]:
+    """Modules whose full name matches ``pattern`` (anchored), skipping Identity placeholders."""
+    rx = re.compile(rf"(?:{pattern})")
+    return [(n, m) for n, m in model.named_modules()
+            if n and rx.fullmatch(n) and not isinstance(m, torch.nn.Identity)]
+
+
+def architecture(model: torch.nn.Module) -> str:
+    """The timm architecture name a model was created from (stored in adapter metadata)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+# --- the embedded offline backbone -------------------------------------------------------------
+EMBEDDED_NAME = "vit_pico_patch4_32"
+EMBEDDED_WEIGHTS = Path(__file__).parent / "weights" / f"{EMBEDDED_NAME}.fractal.safetensors"
+
+
+@register_model
+def vit_pico_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A ViT small enough to pre-train and fine-tune on a 2-core CPU: 32×32 input, 4×4 patches,
+    width 128, depth 6.  The project pre-trains it on fractals (``rlrr pretrain``) and ships it."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory extras
+        kwargs.pop(key, None)
+    cfg = dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0)
+    model = VisionTransformer(**{**cfg, **kwargs})
+    model.pretrained_cfg = {"architecture": EMBEDDED_NAME, "input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5),
+                            "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "crop_pct": 1.0,
+                            "num_classes": kwargs.get("num_classes", 1000), "classifier": "head"}
+    return model
+
+
+# --- weights ----------------------------------------------------------------------------------
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file or a pickle-free torch checkpoint (``weights_only=True``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise BackboneError(f"{path} is not a weights-only torch checkpoint ({type(e).__name__}); "
+                            "convert it to .safetensors or save a plain state_dict") from None
+    for key in ("model", "state_dict", "model_state", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint into a freshly created timm model.
+
+    Google's ViT ``.npz`` goes through timm's own npz reader; other files go through the model
+    module's ``checkpoint_filter_fn`` (key remapping, position-embedding resizing) when timm has one.
+    A classifier of a different size is left at its fresh init: that is the fine-tuning case.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} not found; pass an existing .safetensors, .pth or .npz path")
+    if path.suffix == ".npz":
+        if not isinstance(model, VisionTransformer):
+            raise BackboneError(f"{path}: .npz checkpoints are Google's ViT format; use a ViT model or a .safetensors file")
+        try:
+            _load_weights(model, str(path))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise BackboneError(f"{path} does not fit {architecture(model)} in Google's ViT layout "
+                                f"({str(e).splitlines()[0][:200]}); use the .npz of the matching ViT size") from None
+        return
+    sd = read_state_dict(path)
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            sd = filter_fn(sd, model)
+        except Exception:  # noqa: BLE001 - fall back to the raw keys, checked strictly below
+            pass
+    own = model.state_dict()
+    head = {f"{n}.{p}" for n, m in model.named_modules() if m is model.get_classifier() for p in ("weight", "bias")}
+    sd = {k: v for k, v in sd.items() if not (k in head and k in own and own[k].shape != v.shape)}
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise BackboneError(f"{path}: '{k}' has shape {tuple(v.shape)} but {architecture(model)} expects "
+                                f"{tuple(own[k].shape)}; use the weights of the matching architecture")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in head]
+    if missing or unexpected:
+        raise BackboneError(f"{path} does not fit {architecture(model)}: missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}; use the weights of the matching architecture")
+
+
+def create_backbone(name: str, weights: str | Path | None = "pretrained", num_classes: int | None = None,
+                    **kwargs) -> torch.nn.Module:
+    """Create a timm model and load weights.
+
+    ``weights``: a local file (.safetensors / .pth / .bin / Google .npz); ``"pretrained"`` for timm's
+    own mechanism (Hugging Face cache or download); ``None`` / ``"none"`` for random init (tests only).
+    The embedded backbone's ``"pretrained"`` is the fractal checkpoint shipped with the package.
+    """
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if str(weights).lower() == "pretrained" and name == EMBEDDED_NAME:
+        weights = EMBEDDED_WEIGHTS
+    try:
+        if str(weights).lower() != "pretrained":
+            model = timm.create_model(name, pretrained=False, **kwargs)
+            if weights is not None and str(weights).lower() != "none":
+                load_weights(model, weights)
+            return model
+        return _create_pretrained(name, **kwargs)
+    except RuntimeError as e:
+        if isinstance(e, BackboneError):
+            raise
+        raise BackboneError(f"cannot create {name!r}: {e}".splitlines()[0]) from None
+
+
+def _create_pretrained(name: str, **kwargs) -> torch.nn.Module:
+    """timm's pretrained path with short network timeouts, so an offline machine fails in seconds."""
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - network, cache and hub errors all need the same advice
+        cfg = timm.models.get_pretrained_cfg(name) or {}
+        hub = getattr(cfg, "hf_hub_id", None) or "timm/" + name
+        raise BackboneError(
+            f"no pretrained weights for {name} ({type(e).__name__}: offline?); download "
+            f"https://huggingface.co/{hub}/resolve/main/model.safetensors and pass weights=PATH "
+            f"(CLI: --weights PATH), or fill the Hugging Face cache ($HF_HOME) on a machine with network") from None

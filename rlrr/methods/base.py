@@ -1,0 +1,134 @@
+"""The small interface every fine-tuning method shares, and the helpers they share.
+
+A method is a config dataclass (with a ``method`` name) plus two functions:
+``apply(model, config)`` injects its modules in place and sets ``requires_grad`` so that exactly
+its parameters (and, usually, the classifier head) train; ``merge(model)`` folds them back into the
+plain timm architecture (or raises ``MergeError`` when the method cannot be merged).
+Everything else — listing trainable parameters, saving and loading adapters, summaries — is
+generic and lives here or in ``rlrr.adapter``, so the trainer never needs to know which method runs.
+Modules a method adds declare their new parameters in ``adapter_params`` so they can be counted.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+class MergeError(RuntimeError):
+    """The method (or this particular model) cannot be folded into plain weights."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type
+    apply: Callable[[nn.Module, Any], nn.Module]
+    merge: Callable[[nn.Module], nn.Module] | None  # None: not mergeable (e.g. VPT prompts)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    from . import _load_all  # noqa: F401 - importing the package registers every method
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def make_config(name: str, **overrides: Any):
+    """A method's config from plain values (YAML/CLI/adapter metadata), rejecting unknown keys by name."""
+    cls = get_method(name).config
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"{name} has no option(s) {sorted(unknown)}; known: {sorted(fields)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+
+
+def apply(model: nn.Module, config: Any) -> nn.Module:
+    """Inject the method described by ``config`` (an instance of a registered config dataclass)."""
+    if getattr(model, "peft_method", None):
+        raise RuntimeError(f"model already has method {model.peft_method!r} applied; create a fresh backbone")
+    method = get_method(config.method)
+    model = method.apply(model, config)
+    model.peft_method, model.peft_config = method.name, config
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the applied method into plain weights; the result has the original timm module types."""
+    name = getattr(model, "peft_method", None)
+    if name is None:
+        raise MergeError("no method applied to this model; nothing to merge")
+    method = get_method(name)
+    if method.merge is None:
+        raise MergeError(f"{name} adds computation that has no plain-weight equivalent; it cannot be merged")
+    with torch.no_grad():
+        model = method.merge(model)
+    del model.peft_method, model.peft_config
+    return model
+
+
+# --- shared helpers for method implementations ----------------------------------------------------
+def classifier_modules(model: nn.Module) -> list[nn.Module]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    heads = head if isinstance(head, (tuple, list)) else [head]
+    return [h for h in heads if isinstance(h, nn.Module)]
+
+
+def freeze(model: nn.Module, train_head: bool = True) -> None:
+    """Freeze everything, then unfreeze the classifier head (the new task's layer)."""
+    model.requires_grad_(False)
+    if train_head:
+        for head in classifier_modules(model):
+            head.requires_grad_(True)
+
+
+def replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def added_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters that a method introduced (declared by its modules' ``adapter_params``)."""
+    out = {}
+    for mname, module in model.named_modules():
+        for pname in getattr(module, "adapter_params", ()):
+            p = getattr(module, pname, None)
+            if isinstance(p, nn.Parameter):
+                out[f"{mname}.{pname}" if mname else pname] = p
+    return out
+
+
+def summary(model: nn.Module) -> dict[str, float]:
+    """Counts a user wants beside a result: method params, head params, trainable total, % of backbone."""
+    added = added_parameters(model)
+    head_ids = {id(p) for h in classifier_modules(model) for p in h.parameters()}
+    all_params = list(model.parameters())
+    backbone = sum(p.numel() for p in all_params if id(p) not in head_ids) - sum(p.numel() for p in added.values())
+    trainable = sum(p.numel() for p in all_params if p.requires_grad)
+    head = sum(p.numel() for p in all_params if id(p) in head_ids and p.requires_grad)
+    return {"method": getattr(model, "peft_method", None) or "none", "method_params": trainable - head,
+            "added_params": sum(p.numel() for p in added.values()), "head_params": head,
+            "trainable_params": trainable, "backbone_params": backbone,
+            "trainable_pct_of_backbone": 100.0 * trainable / max(backbone, 1)}
+
+
+def format_summary(s: dict[str, float]) -> str:
+    return (f"{s['method']}: {s['method_params']:,} method + {s['head_params']:,} head = "
+            f"{s['trainable_params']:,} trainable ({s['trainable_pct_of_backbone']:.3f}% of a "
+            f"{s['backbone_params']:,}-parameter backbone)")

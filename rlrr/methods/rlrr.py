@@ -1,0 +1,296 @@
+"""RLRR: residual-based low-rank rescaling (Dong et al., CVPR 2024).
+
+Every target weight ``W`` becomes ``W' = W + (s_l s_rᵀ) ⊙ W`` and its bias ``b' = b + f``; SSF-style
+feature rescaling follows the norms and the patch embedding, as in the official code.
+
+Layout.  The rank-1 scale is defined on a *matrix view* of the weight:
+* Linear ``(out, in)`` split into ``groups`` row blocks, each with its own ``s_r`` — a fused qkv with
+  3 groups is exactly the official ViT's three separate q, k, v layers; 1 group is the official Swin's
+  fused qkv with one shared ``s_r``.
+* Conv ``(out, in, k, k)`` viewed as ``(out·k) × (in·k)`` (permuted to ``(out, k, in, k)``), as in the
+  official ResNet variant.
+Parameters are stored as ``scale_l (rank, groups, rows)`` and ``scale_r (rank, groups, cols)``;
+``rank > 1`` sums several rank-1 rescalings (our extension).
+
+Cost.  ``_RescaledOp`` forms W' once per call, runs one GEMM/conv, and in backward recomputes W'
+instead of keeping one alive per layer; the scale gradients come from ``dW' ⊙ W`` reduced against
+the other vector — the same three GEMM-sized products as full fine-tuning.  With gradients off,
+W' is cached until a parameter changes, so unmerged inference costs what the base model costs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import family_of, matching
+from .base import Method, freeze, register, replace
+from .ssf import inject_feature_rescale, merge_feature_rescale
+
+
+class _RescaledOp(torch.autograd.Function):
+    """y = op(x, W ⊙ (1 + S), b + f) with S built from (s_l, s_r); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale_l, scale_r, shift, layer: "_Rescaled"):
+        w_eff, b_eff = layer.effective(weight, bias, scale_l, scale_r, shift, x.dtype)
+        ctx.layer = layer
+        ctx.save_for_backward(x, weight, bias, scale_l, scale_r, shift)
+        return layer.op(x, w_eff, b_eff)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, scale_l, scale_r, shift = ctx.saved_tensors
+        layer: _Rescaled = ctx.layer
+        need = ctx.needs_input_grad
+        scale = layer.scale_matrix(scale_l, scale_r)
+        w_eff = (weight + weight * layer.from_matrix(scale, weight.shape)).to(x.dtype)
+        gx, gw_eff = layer.op_backward(grad_out, x, w_eff, need[0], any(need[1:5]))
+        g_w = g_l = g_r = g_b = g_f = None
+        if gw_eff is not None:
+            gw_eff = gw_eff.to(weight.dtype)
+            gm = layer.to_matrix(gw_eff * weight)  # dL/dS in matrix form
+            if need[3]:
+                g_l = torch.einsum("goi,rgi->rgo", gm, scale_r)
+            if need[4]:
+                g_r = torch.einsum("goi,rgo->rgi", gm, scale_l)
+            if need[1]:
+                g_w = gw_eff + gw_eff * layer.from_matrix(scale, weight.shape)
+        if need[2] or need[5]:
+            gsum = grad_out.sum(dim=[d for d in range(grad_out.ndim) if d != layer.channel_dim % grad_out.ndim])
+            g_b = gsum.to(bias.dtype) if need[2] else None
+            g_f = gsum.to(shift.dtype) if need[5] else None
+        return gx, g_w, g_b, g_l, g_r, g_f, None
+
+
+class _Rescaled(nn.Module):
+    """Shared machinery of the rescaled Linear and Conv2d; subclasses give the matrix view and the op.
+
+    ``weight`` / ``bias`` keep the base layer's names (frozen), so the state-dict keys of the
+    pretrained weights do not move while the adapter is attached.
+    """
+
+    adapter_params = ("scale_l", "scale_r", "shift")
+    channel_dim = -1
+
+    def __init__(self, base: nn.Module, rows: int, cols: int, groups: int, rank: int, init: str):
+        super().__init__()
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        like = dict(dtype=self.weight.dtype, device=self.weight.device)
+        self.scale_l = nn.Parameter(torch.empty(rank, groups, rows, **like))
+        self.scale_r = nn.Parameter(torch.empty(rank, groups, cols, **like))
+        # No bias in the base layer (Swin patch merging, ResNet convs): no shift, so merge keeps the keys.
+        self.shift = nn.Parameter(torch.zeros(self.weight.shape[0], **like)) if self.bias is not None else None
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._cache: tuple | None = None
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str) -> None:
+        """``official``: kaiming_uniform_ on s_l viewed (out,1) and s_r viewed (1,in); ``identity``: s_l = 0."""
+        rank, groups, rows = self.scale_l.shape
+        for k in range(rank):
+            for g in range(groups):
+                nn.init.kaiming_uniform_(self.scale_l[k, g].view(rows, 1))  # fan-in 1: U(±√6)
+                nn.init.kaiming_uniform_(self.scale_r[k, g].view(1, -1))  # fan-in = cols
+        if init == "identity":
+            self.scale_l.zero_()
+        elif init != "official":
+            raise ValueError(f"unknown init {init!r}; use 'official' or 'identity'")
+
+    # matrix view -------------------------------------------------------------------------------
+    def to_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def from_matrix(self, m: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        raise NotImplementedError
+
+    def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def op_backward(self, g, x, w, need_x: bool, need_w: bool):
+        raise NotImplementedError
+
+    @staticmethod
+    def scale_matrix(scale_l: torch.Tensor, scale_r: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("rgo,rgi->goi", scale_l, scale_r)
+
+    def effective(self, weight=None, bias=None, scale_l=None, scale_r=None, shift=None, dtype=None):
+        """(W', b') = (W + (Σ s_l s_rᵀ) ⊙ W, b + f), in ``dtype`` (the compute dtype)."""
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
+        scale_l = self.scale_l if scale_l is None else scale_l
+        scale_r = self.scale_r if scale_r is None else scale_r
+        shift = self.shift if shift is None else shift
+        w = weight + weight * self.from_matrix(self.scale_matrix(scale_l, scale_r), weight.shape)
+        b = None if bias is None else bias + shift
+        dtype = dtype or weight.dtype
+        return w.to(dtype), (None if b is None else b.to(dtype))
+
+    def _cached(self, dtype: torch.dtype):
+        """W', b' for inference, rebuilt only when a parameter changed (tracked by tensor versions)."""
+        key = (dtype, *[(p.data_ptr(), p._version) for p in self._tensors()])
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, *self.effective(dtype=dtype))
+        return self._cache[1:]
+
+    def _tensors(self):
+        return [t for t in (self.weight, self.bias, self.scale_l, self.scale_r, self.shift) if t is not None]
+
+    def train(self, mode: bool = True):
+        self._cache = None  # a cached W' is only for inference; do not hold it during training
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        x = x.to(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._tensors()))
+        if not self.training and not needs_grad:
+            return self.op(x, *self._cached(x.dtype))
+        with torch.autocast(dev, enabled=False):
+            return _RescaledOp.apply(x, self.weight, self.bias, self.scale_l, self.scale_r, self.shift, self)
+
+    def merged(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class RescaledLinear(_Rescaled):
+    def __init__(self, base: nn.Linear, groups: int = 1, rank: int = 1, init: str = "official"):
+        out_f, in_f = base.weight.shape
+        if out_f % groups:
+            raise ValueError(f"cannot split {out_f} output rows into {groups} groups")
+        self.in_features, self.out_features, self.groups = in_f, out_f, groups
+        super().__init__(base, out_f // groups, in_f, groups, rank, init)
+
+    def to_matrix(self, w):
+        return w.reshape(self.groups, -1, w.shape[-1])
+
+    def from_matrix(self, m, shape):
+        return m.reshape(shape)
+
+    def op(self, x, w, b):
+        return F.linear(x, w, b)
+
+    def op_backward(self, g, x, w, need_x, need_w):
+        gx = g @ w if need_x else None
+        gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if need_w else None
+        return gx, gw
+
+    def merged(self) -> nn.Linear:
+        w, b = self.effective()
+        lin = nn.Linear(self.in_features, self.out_features, bias=b is not None, device=w.device, dtype=w.dtype)
+        lin.weight.data.copy_(w)
+        if b is not None:
+            lin.bias.data.copy_(b)
+        return lin.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, groups={self.groups}, rank={self.scale_l.shape[0]}"
+
+
+class RescaledConv2d(_Rescaled):
+    """Conv weight (out, in/g, kh, kw) viewed as (out·kh) × (in/g·kw), as the official ResNet variant does."""
+
+    channel_dim = 1
+
+    def __init__(self, base: nn.Conv2d, rank: int = 1, init: str = "official"):
+        self.conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
+        self.in_channels, self.out_channels, self.kernel_size = base.in_channels, base.out_channels, base.kernel_size
+        if base.padding_mode != "zeros" or isinstance(base.padding, str):
+            raise ValueError("RLRR conv supports zero padding with explicit sizes only")
+        o, i, kh, kw = base.weight.shape
+        super().__init__(base, o * kh, i * kw, 1, rank, init)
+
+    def to_matrix(self, w):
+        o, i, kh, kw = w.shape
+        return w.permute(0, 2, 1, 3).reshape(1, o * kh, i * kw)
+
+    def from_matrix(self, m, shape):
+        o, i, kh, kw = shape
+        return m.reshape(o, kh, i, kw).permute(0, 2, 1, 3)
+
+    def op(self, x, w, b):
+        return F.conv2d(x, w, b, **self.conv)
+
+    def op_backward(self, g, x, w, need_x, need_w):
+        c = self.conv
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            g, x, w, None, list(c["stride"]), list(c["padding"]), list(c["dilation"]), False, [0, 0],
+            c["groups"], [need_x, need_w, False])
+        return gx, gw
+
+    def merged(self) -> nn.Conv2d:
+        w, b = self.effective()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=b is not None,
+                         device=w.device, dtype=w.dtype, **self.conv)
+        conv.weight.data.copy_(w)
+        if b is not None:
+            conv.bias.data.copy_(b)
+        return conv.requires_grad_(False)
+
+
+@dataclass
+class RLRRConfig:
+    """What RLRR adapts and how it starts.
+
+    targets: regex over module names (anchored); None = the family's block linears
+        (ViT/Swin: attention qkv/proj and MLP fc1/fc2; ConvNeXt: conv_dw, fc1, fc2; ResNet: convs).
+    norm_rescale: SSF scale/shift after each block's norms, the final norm and the patch embedding.
+    init: "official" (kaiming-uniform s_l, s_r: W' ≠ W at step 0, as the paper's code) or
+        "identity" (s_l = 0, SSF at 1/0: the model starts exactly at the pretrained function).
+    rank: number of rank-1 rescalings summed (1 = the paper).
+    qkv: a fused qkv Linear as "split" (q, k, v each with its own s_r, the official ViT) or "fused"
+        (one shared s_r, the official Swin); "auto" picks per family.
+    reduction: also rescale Swin's patch-merging reduction (the official Swin code does).
+    """
+    method: ClassVar[str] = "rlrr"
+    targets: str | None = None
+    norm_rescale: bool = True
+    init: str = "official"
+    rank: int = 1
+    qkv: str = "auto"
+    reduction: bool = False
+    train_head: bool = True
+
+
+def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> nn.Module:
+    fam = family_of(model)
+    qkv = fam.qkv if cfg.qkv == "auto" else cfg.qkv
+    if qkv not in ("split", "fused"):
+        raise ValueError(f"qkv must be 'auto', 'split' or 'fused', not {cfg.qkv!r}")
+    pattern = cfg.targets or fam.linear
+    if cfg.reduction and fam.reduction:
+        pattern = f"{pattern}|{fam.reduction}"
+    freeze(model, cfg.train_head)
+    targets = matching(model, pattern)
+    if not targets:
+        raise ValueError(f"no module of {type(model).__name__} matches targets {pattern!r}")
+    for name, module in targets:
+        if isinstance(module, nn.Linear):
+            groups = 3 if name.endswith("qkv") and qkv == "split" else 1
+            replace(model, name, RescaledLinear(module, groups, cfg.rank, cfg.init))
+        elif isinstance(module, nn.Conv2d):
+            replace(model, name, RescaledConv2d(module, cfg.rank, cfg.init))
+        else:
+            raise TypeError(f"RLRR target {name} is a {type(module).__name__}; only Linear and Conv2d can be rescaled")
+    if cfg.norm_rescale:
+        inject_feature_rescale(model, fam.norms, 0.0 if cfg.init == "identity" else 0.02)
+    return model
+
+
+def merge_rlrr(model: nn.Module) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _Rescaled):
+            replace(model, name, module.merged())
+    merge_feature_rescale(model)
+    return model
+
+
+register(Method("rlrr", RLRRConfig, apply_rlrr, merge_rlrr))
