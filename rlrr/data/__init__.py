@@ -1,0 +1,80 @@
+"""Datasets behind one spec string: ``vtab1k:<root>/<task>``, ``fgvc:<root>/<name>``, ``folder:<dir>``,
+``csv:<file>`` or ``offline:<task>``; each gives train / val / trainval / test splits and a class count."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from .benchmarks import VTAB, fgvc_items, vtab_items
+from .images import DataError, ImageList, csv_list, image_folder
+from .offline import TASKS as OFFLINE_TASKS, offline_splits
+from .transforms import eval_transform, train_transform
+
+
+@dataclass
+class Splits:
+    name: str
+    train: Dataset
+    val: Dataset
+    trainval: Dataset
+    test: Dataset
+    num_classes: int
+
+    def __getitem__(self, split: str) -> Dataset:
+        return getattr(self, split)
+
+
+def _holdout(items: list, seed: int, val_frac: float = 0.2, test_frac: float = 0.2) -> dict[str, list]:
+    """Disjoint seeded train / val / test split for layouts that come without one."""
+    perm = np.random.default_rng(seed).permutation(len(items))
+    n_test, n_val = int(len(items) * test_frac), int(len(items) * val_frac)
+    pick = lambda idx: [items[i] for i in idx]  # noqa: E731
+    test, val, train = pick(perm[:n_test]), pick(perm[n_test:n_test + n_val]), pick(perm[n_test + n_val:])
+    return {"train": train, "val": val, "trainval": train + val, "test": test}
+
+
+def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int = 0, skip_bad: bool = False,
+               num_classes: int | None = None) -> Splits:
+    """Parse a data spec and build its splits with transforms from the backbone's ``data_cfg``
+    (timm ``resolve_data_config``: input_size, mean, std, interpolation, crop_pct)."""
+    kind, sep, where = spec.partition(":")
+    if not sep:
+        raise DataError(f"data spec {spec!r} needs a kind: vtab1k:ROOT/TASK, fgvc:ROOT/NAME, folder:DIR, "
+                        "csv:FILE or offline:TASK")
+    size = data_cfg["input_size"][-1]
+    if kind == "offline":
+        parts = offline_splits(where, size, data_cfg["mean"], data_cfg["std"], seed=seed)
+        n = parts["train"].num_classes
+    else:
+        path = Path(where).expanduser()
+        if kind == "vtab1k":
+            items, n = vtab_items(path)
+            aug = kind_aug or "none"
+        elif kind == "fgvc":
+            items, n = fgvc_items(path)
+            aug = kind_aug or "fgvc"
+        elif kind in ("folder", "csv"):
+            if kind == "folder":
+                all_items, classes = image_folder(path)
+                n = len(classes)
+            else:
+                all_items = csv_list(path)
+                n = max(label for _, label in all_items) + 1 if all_items else 0
+            items, aug = _holdout(all_items, seed), kind_aug or "fgvc"
+        else:
+            raise DataError(f"unknown data kind {kind!r}; use vtab1k, fgvc, folder, csv or offline")
+        if num_classes is not None:
+            n = num_classes
+        tf = {"train": train_transform(data_cfg, aug), "eval": eval_transform(data_cfg, aug)}
+        parts = {s: ImageList(v, n, tf["train" if s in ("train", "trainval") else "eval"], skip_bad, f"{path.name}/{s}")
+                 for s, v in items.items()}
+    if num_classes is not None and num_classes != n:
+        raise DataError(f"{spec} has {n} classes but --num-classes is {num_classes}; drop the flag or fix it")
+    return Splits(where.rstrip("/").rsplit("/", 1)[-1], parts["train"], parts["val"], parts["trainval"],
+                  parts["test"], n)
+
+
+__all__ = ["DataError", "OFFLINE_TASKS", "Splits", "VTAB", "build_data"]

@@ -1,0 +1,309 @@
+"""The ``rlrr`` command line: train, eval, predict, merge, export, info, demo, pretrain, bench, analyze.
+
+Every error a user can cause ends as one ``error: ...`` line and exit status 2; no torch traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+# --- shared pieces ------------------------------------------------------------------------------
+def task_config(data: str, config: str | None) -> dict:
+    """The checked-in per-task config (configs/<kind>/<task>.yaml) for a data spec, or an explicit file."""
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+    else:
+        kind, _, where = data.partition(":")
+        path = CONFIG_DIR / kind / f"{Path(where).name}.yaml"
+        if not path.is_file():
+            return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def method_config(name: str, opts: list[str]):
+    from .methods.base import make_config
+    values = {}
+    for opt in opts or []:
+        key, sep, val = opt.partition("=")
+        if not sep:
+            raise ValueError(f"--method-opt {opt!r} must look like key=value")
+        values[key.replace("-", "_")] = yaml.safe_load(val)
+    return make_config(name, **values)
+
+
+def backbone(args, num_classes: int | None, drop_path: float = 0.0):
+    from .backbones import create_backbone
+    kw = {"drop_path_rate": drop_path} if drop_path else {}
+    if getattr(args, "img_size", None):
+        kw["img_size"] = args.img_size
+    return create_backbone(args.model, weights=None if args.weights == "none" else args.weights,
+                           num_classes=num_classes, **kw)
+
+
+def data_config(model) -> dict:
+    from timm.data import resolve_data_config
+    return resolve_data_config({}, model=model)
+
+
+def adapted_model(args, num_classes: int | None = None):
+    """Backbone (+ adapter if given), ready for inference."""
+    from .adapter import load_adapter, read_adapter
+    if args.adapter and num_classes is None:
+        tensors, _ = read_adapter(args.adapter)
+        heads = [t for k, t in tensors.items() if k.endswith(("head.weight", "fc.weight")) and t.ndim == 2]
+        num_classes = heads[-1].shape[0] if heads else None
+    model = backbone(args, num_classes)
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    return model.eval()
+
+
+def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
+    p.add_argument("--model", default="vit_pico_patch4_32", help="timm architecture name")
+    p.add_argument("--weights", default="pretrained",
+                   help="local .safetensors/.pth/.npz, 'pretrained' (timm/HF cache) or 'none' (random, tests only)")
+    p.add_argument("--img-size", type=int, default=None, help="override the input resolution")
+    if adapter:
+        p.add_argument("--adapter", default=None, help="adapter .safetensors written by rlrr train")
+
+
+# --- subcommands --------------------------------------------------------------------------------
+def cmd_train(args) -> dict:
+    from .data import build_data
+    from .engine.trainer import TrainConfig, Trainer
+    from .methods.base import apply, format_summary, summary
+    task = task_config(args.data, args.config)
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    train_cfg = TrainConfig(**{**task.get("train", {}), **overrides})
+    drop_path = args.drop_path if args.drop_path is not None else task.get("drop_path", 0.0)
+    num_classes = args.num_classes or task.get("num_classes")
+    base = backbone(args, num_classes, drop_path)
+    splits = build_data(args.data, data_config(base), args.aug or task.get("aug"), train_cfg.seed,
+                        args.skip_bad_images, num_classes)
+    if num_classes is None:
+        base.reset_classifier(splits.num_classes)
+    mcfg = method_config(args.method, args.method_opt)
+
+    def make_model():
+        return apply(copy.deepcopy(base), mcfg)
+
+    print(format_summary(summary(make_model())))
+    result = Trainer(make_model, splits, train_cfg, Path(args.output)).fit(resume=args.resume)
+    print(f"{result['method']} on {result['dataset']} [{result['protocol']}]: test top-1 {result['test_acc']:.2f}% "
+          f"(selected epoch {result['selected_epoch']}) -> {args.output}/summary.json")
+    return result
+
+
+def cmd_eval(args) -> dict:
+    from .data import build_data
+    from .engine.loop import evaluate
+    from torch.utils.data import DataLoader
+    model = adapted_model(args)
+    splits = build_data(args.data, data_config(model), args.aug, skip_bad=args.skip_bad_images)
+    res = evaluate(model, DataLoader(splits[args.split], args.batch_size), next(model.parameters()).device,
+                   progress=True)
+    out = {"data": args.data, "split": args.split, "top1": res["acc"], "loss": res["loss"], "n": len(splits[args.split])}
+    print(json.dumps(out))
+    return out
+
+
+def cmd_predict(args) -> None:
+    import torch
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    from .data.images import open_rgb
+    from .data.transforms import eval_transform
+    model = adapted_model(args)
+    tf = eval_transform(data_config(model), "none")
+    root = Path(args.images)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} not found")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"no images under {root}")
+    with open(args.output, "w", newline="") as f, torch.no_grad():
+        w = csv.writer(f)
+        w.writerow(["path"] + [c for k in range(args.topk) for c in (f"class_{k + 1}", f"prob_{k + 1}")])
+        for i in range(0, len(files), args.batch_size):
+            chunk = files[i:i + args.batch_size]
+            probs = model(torch.stack([tf(open_rgb(p)) for p in chunk])).softmax(-1)
+            top = probs.topk(min(args.topk, probs.shape[-1]), dim=-1)
+            for p, v, k in zip(chunk, top.values, top.indices):
+                w.writerow([str(p.relative_to(root))] + [x for kk, vv in zip(k, v) for x in (int(kk), f"{vv:.4f}")])
+    print(f"wrote {len(files)} predictions to {args.output}")
+
+
+def cmd_merge(args) -> Path:
+    import timm
+    from safetensors.torch import save_file
+    from .methods.base import merge
+    merged = merge(adapted_model(args))
+    fresh = timm.create_model(args.model, pretrained=False, num_classes=merged.num_classes,
+                              **({"img_size": args.img_size} if args.img_size else {}))
+    fresh.load_state_dict(merged.state_dict(), strict=True)  # proves it is the untouched architecture
+    out = Path(args.output)
+    save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(out),
+              metadata={"architecture": args.model, "num_classes": str(merged.num_classes)})
+    print(f"merged {args.model} + {args.adapter} -> {out} (plain timm weights, strict-loadable)")
+    return out
+
+
+def cmd_export(args) -> Path:
+    import torch
+    from .methods.base import merge
+    model = adapted_model(args)
+    if getattr(model, "peft_method", None):
+        model = merge(model)
+    size = data_config(model)["input_size"]
+    out = Path(args.output)
+    try:
+        torch.onnx.export(model, (torch.randn(1, *size),), str(out), input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    except ImportError as e:
+        raise RuntimeError(f"ONNX export needs the onnx package ({e}); pip install 'rlrr[onnx]'") from None
+    print(f"exported merged {args.model} to {out}")
+    return out
+
+
+def cmd_info(args) -> dict:
+    from .methods.base import apply, summary, trainable_parameters
+    model = apply(backbone(args, args.num_classes), method_config(args.method, args.method_opt))
+    s = summary(model)
+    groups: dict[str, int] = {}
+    for name, p in trainable_parameters(model):
+        kind = name.rsplit(".", 1)[-1]
+        groups[kind] = groups.get(kind, 0) + p.numel()
+    print(f"{'parameter':<24}{'count':>14}")
+    for kind, n in groups.items():
+        print(f"{kind:<24}{n:>14,}")
+    for key in ("method_params", "head_params", "trainable_params", "backbone_params"):
+        print(f"{key:<24}{s[key]:>14,}")
+    print(f"{'% of backbone':<24}{s['trainable_pct_of_backbone']:>14.4f}")
+    return s
+
+
+def cmd_demo(args) -> dict:
+    from .demo import run_demo
+    return run_demo(Path(args.output), quick=args.quick, task=args.task)
+
+
+def cmd_pretrain(args) -> dict:
+    from .pretrain import PretrainConfig, pretrain
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)
+                            if getattr(args, f.name, None) is not None})
+    return pretrain(cfg, Path(args.output))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .engine.trainer import PROTOCOLS
+    ap = argparse.ArgumentParser(prog="rlrr", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a backbone with a method on a dataset")
+    add_model_args(p, adapter=False)
+    p.add_argument("--data", required=True, help="vtab1k:ROOT/TASK, fgvc:ROOT/NAME, folder:DIR, csv:FILE, offline:TASK")
+    p.add_argument("--method", default="rlrr")
+    p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method config option (repeatable)")
+    p.add_argument("--config", help="task YAML (default: configs/<kind>/<task>.yaml when it exists)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--drop-path", type=float)
+    p.add_argument("--aug", choices=["none", "flip", "fgvc"])
+    p.add_argument("--skip-bad-images", action="store_true", help="drop unreadable images (counted) instead of failing")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--protocol", choices=PROTOCOLS, help="retrain (default), val, or test (= --select-on-test)")
+    p.add_argument("--select-on-test", dest="protocol", action="store_const", const="test",
+                   help="official practice: keep the best test epoch (optimistic; labelled in results)")
+    for name, typ in (("epochs", int), ("warmup_epochs", int), ("lr", float), ("weight_decay", float),
+                      ("batch_size", int), ("grad_accum", int), ("clip_grad", float), ("label_smoothing", float),
+                      ("seed", int), ("num_workers", int), ("min_lr", float), ("warmup_lr", float)):
+        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--deterministic", action="store_true", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1 of a backbone (+adapter) on a split")
+    add_model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "trainval", "test"])
+    p.add_argument("--aug", choices=["none", "flip", "fgvc"])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--skip-bad-images", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="folder of images -> CSV of top-k classes")
+    add_model_args(p)
+    p.add_argument("--images", required=True)
+    p.add_argument("--output", default="predictions.csv")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("merge", help="backbone + adapter -> plain timm safetensors")
+    add_model_args(p)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="merged model -> ONNX")
+    add_model_args(p)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="trainable-parameter table of a model + method")
+    add_model_args(p, adapter=False)
+    p.add_argument("--method", default="rlrr")
+    p.add_argument("--method-opt", action="append", metavar="KEY=VALUE")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="offline RLRR vs linear probe on the embedded backbone (minutes on a CPU)")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--task", default="mnist")
+    p.add_argument("--quick", action="store_true", help="a CI-sized run (seconds)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("pretrain", help="re-create the embedded backbone by fractal pre-training")
+    p.add_argument("--output", default="rlrr/weights")
+    for name, typ in (("classes", int), ("per_class", int), ("epochs", int), ("batch_size", int), ("lr", float),
+                      ("seed", int)):
+        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
+    p.set_defaults(func=cmd_pretrain)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .adapter import AdapterMismatchError
+    from .backbones import BackboneError
+    from .data.images import DataError
+    from .engine.trainer import TrainingStopped
+    from .methods.base import MergeError
+    try:
+        args.func(args)
+    except (DataError, BackboneError, AdapterMismatchError, TrainingStopped, MergeError, FileNotFoundError,
+            ValueError, TypeError, KeyError, RuntimeError) as e:
+        if os.environ.get("RLRR_DEBUG"):
+            raise
+        msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Image-file datasets: every on-disk layout (VTAB-1k lists, FGVC json, ImageFolder, CSV) becomes a
+list of ``(path, label)`` read by one dataset class, so bad-input handling lives in one place."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given; the message names the file and the fix."""
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Open and fully decode an image, turning every decoder failure into one ``DataError``."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist; check the dataset root and the split file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"image {path} is unreadable or truncated ({type(e).__name__}); remove or "
+                        "re-download it, or pass --skip-bad-images") from None
+
+
+class ImageList(Dataset):
+    """Images named by ``(path, label)`` pairs.
+
+    ``skip_bad``: unreadable images are checked once up front, dropped and counted in
+    ``self.skipped`` instead of failing mid-epoch (the check decodes every file once).
+    """
+
+    def __init__(self, items: list[tuple[Path, int]], num_classes: int, transform: Callable | None = None,
+                 skip_bad: bool = False, name: str = "images"):
+        for path, label in items:
+            if not 0 <= label < num_classes:
+                raise DataError(f"{name}: label {label} of {path} is outside 0..{num_classes - 1}; "
+                                f"fix the split file or set the number of classes")
+        self.skipped: list[Path] = []
+        if skip_bad:
+            good = []
+            for path, label in items:
+                try:
+                    open_rgb(path)
+                    good.append((path, label))
+                except DataError:
+                    self.skipped.append(path)
+            if self.skipped:
+                log.warning("%s: skipped %d unreadable image(s), first %s", name, len(self.skipped), self.skipped[0])
+            items = good
+        self.items, self.num_classes, self.transform, self.name = items, num_classes, transform, name
+        self.targets = [label for _, label in items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        img = open_rgb(path)
+        return (self.transform(img) if self.transform else img), label
+
+
+def read_list_file(list_file: Path, image_root: Path) -> list[tuple[Path, int]]:
+    """Lines ``relative/path label`` (VTAB-1k community format); the path may contain spaces."""
+    if not list_file.is_file():
+        raise DataError(f"split file {list_file} not found; the VTAB-1k layout needs train800.txt, "
+                        "val200.txt, train800val200.txt and test.txt in the task folder")
+    items = []
+    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        path, _, label = line.rstrip().rpartition(" ")
+        try:
+            items.append((image_root / path, int(label)))
+        except ValueError:
+            raise DataError(f"{list_file}:{n}: expected 'relative/path label', got {line!r}") from None
+    return items
+
+
+def image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """torchvision ImageFolder layout: one sub-folder per class, sorted names = class ids."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    if not root.is_dir():
+        raise DataError(f"folder {root} not found; --data folder:DIR needs one sub-folder per class")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"folder {root} has no class sub-folders; put images in DIR/<class>/...")
+    items = [(p, i) for i, c in enumerate(classes) for p in sorted((root / c).rglob("*"))
+             if p.suffix.lower() in IMG_EXTENSIONS]
+    return items, classes
+
+
+def csv_list(csv_file: Path) -> list[tuple[Path, int]]:
+    """A CSV with ``path,label`` rows (header optional), paths relative to the CSV's folder."""
+    import csv
+    if not csv_file.is_file():
+        raise DataError(f"CSV file {csv_file} not found")
+    items = []
+    with open(csv_file, newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row or (n == 1 and not row[-1].strip().lstrip("-").isdigit()):
+                continue  # blank line or header
+            if len(row) < 2:
+                raise DataError(f"{csv_file}:{n}: expected 'path,label', got {row!r}")
+            items.append((csv_file.parent / row[0].strip(), int(row[1])))
+    return items

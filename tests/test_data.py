@@ -1,0 +1,86 @@
+"""Dataset layouts (VTAB-1k lists, FGVC json, ImageFolder, CSV, offline sets) and bad input."""
+import pytest
+import torch
+from fixtures import make_fgvc, make_folder, make_vtab
+
+from rlrr.data import DataError, build_data
+from rlrr.data.offline import offline_splits
+
+CFG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
+       "crop_pct": 0.9}
+
+
+def test_vtab_layout(tmp_path):
+    task = make_vtab(tmp_path)
+    s = build_data(f"vtab1k:{task}", CFG)
+    assert (len(s.train), len(s.val), len(s.trainval), len(s.test)) == (40, 10, 50, 30)
+    assert s.num_classes == 10 and s.name == "svhn"
+    x, y = s.train[0]
+    assert x.shape == (3, 32, 32) and 0 <= y < 10
+    # VTAB evaluation is a plain resize: deterministic
+    assert torch.equal(s.test[0][0], s.test[0][0])
+
+
+def test_fgvc_layout_remaps_labels(tmp_path):
+    ds = make_fgvc(tmp_path)
+    s = build_data(f"fgvc:{ds}", CFG, num_classes=None)
+    labels = [y for _, y in s.trainval.items]
+    assert min(labels) == 0 and len(s.test) == 6 and s.num_classes == 200
+    assert all(p.is_file() for p, _ in s.test.items)
+
+
+def test_folder_and_csv(tmp_path):
+    root = make_folder(tmp_path / "f")
+    s = build_data(f"folder:{root}", CFG, seed=0)
+    assert len(s.train) + len(s.val) + len(s.test) == 30
+    assert not {p for p, _ in s.train.items} & {p for p, _ in s.test.items}
+    rows = ["path,label"] + [f"{p.relative_to(root)},{y}" for p, y in s.trainval.items + s.test.items]
+    (root / "labels.csv").write_text("\n".join(rows))
+    c = build_data(f"csv:{root / 'labels.csv'}", CFG, seed=0)
+    assert len(c.train) + len(c.val) + len(c.test) == 30
+
+
+def test_offline_splits_are_disjoint_and_real():
+    s = offline_splits("mnist", 32, (0.5,) * 3, (0.5,) * 3, seed=0)
+    assert (len(s["train"]), len(s["val"]), len(s["test"])) == (800, 200, 4000)
+    assert set(s["train"].targets) == set(range(10))
+    x, _ = s["test"][0]
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
+
+
+def test_missing_split_file(tmp_path):
+    task = make_vtab(tmp_path)
+    (task / "val200.txt").unlink()
+    with pytest.raises(DataError, match="val200.txt not found"):
+        build_data(f"vtab1k:{task}", CFG)
+
+
+def test_truncated_image_is_named_or_skipped(tmp_path):
+    task = make_vtab(tmp_path)
+    bad = task / "images" / "0003.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    s = build_data(f"vtab1k:{task}", CFG)
+    with pytest.raises(DataError, match="0003.png is unreadable or truncated.*--skip-bad-images"):
+        [s.train[i] for i in range(len(s.train))]
+    s = build_data(f"vtab1k:{task}", CFG, skip_bad=True)
+    assert len(s.train) == 39 and s.train.skipped == [bad]
+
+
+def test_label_out_of_range(tmp_path):
+    task = make_vtab(tmp_path)
+    (task / "test.txt").write_text("images/0000.png 12\n")
+    with pytest.raises(DataError, match="label 12 .* outside 0..9"):
+        build_data(f"vtab1k:{task}", CFG)
+
+
+def test_num_classes_mismatch(tmp_path):
+    with pytest.raises(DataError, match="has 10 classes but --num-classes is 7"):
+        build_data("offline:digits", CFG, num_classes=7)
+
+
+def test_bad_spec(tmp_path):
+    with pytest.raises(DataError, match="needs a kind"):
+        build_data(str(tmp_path), CFG)
+    with pytest.raises(DataError, match="not a VTAB-1k task"):
+        (tmp_path / "foo").mkdir()
+        build_data(f"vtab1k:{tmp_path / 'foo'}", CFG)
