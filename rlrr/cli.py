@@ -58,14 +58,21 @@ def data_config(model) -> dict:
     return resolve_data_config({}, model=model)
 
 
-def adapted_model(args, num_classes: int | None = None):
-    """Backbone (+ adapter if given), ready for inference."""
+def adapted_model(args):
+    """Backbone (+ adapter if given), ready for inference; the class count comes from the adapter's head
+    or, for a merged checkpoint, from the weights file's classifier."""
     from .adapter import load_adapter, read_adapter
-    if args.adapter and num_classes is None:
+    from .backbones import read_state_dict
+    if args.adapter:
         tensors, _ = read_adapter(args.adapter)
-        heads = [t for k, t in tensors.items() if k.endswith(("head.weight", "fc.weight")) and t.ndim == 2]
-        num_classes = heads[-1].shape[0] if heads else None
-    model = backbone(args, num_classes)
+    elif args.weights not in ("none", "pretrained") and Path(args.weights).suffix != ".npz" and Path(args.weights).is_file():
+        tensors = read_state_dict(args.weights)
+    else:
+        tensors = {}
+    from timm.models import get_pretrained_cfg
+    cls_name = getattr(get_pretrained_cfg(args.model), "classifier", None) or "head"
+    head = tensors.get(f"{cls_name}.weight", tensors.get("head.weight", tensors.get("fc.weight")))
+    model = backbone(args, head.shape[0] if head is not None else None)
     if args.adapter:
         model = load_adapter(model, args.adapter)
     return model.eval()
@@ -91,6 +98,8 @@ def cmd_train(args) -> dict:
     train_cfg = TrainConfig(**{**task.get("train", {}), **overrides})
     drop_path = args.drop_path if args.drop_path is not None else task.get("drop_path", 0.0)
     num_classes = args.num_classes or task.get("num_classes")
+    import torch
+    torch.manual_seed(train_cfg.seed)  # --weights none / fresh heads: the same backbone on --resume
     base = backbone(args, num_classes, drop_path)
     splits = build_data(args.data, data_config(base), args.aug or task.get("aug"), train_cfg.seed,
                         args.skip_bad_images, num_classes)
@@ -172,8 +181,10 @@ def cmd_export(args) -> Path:
     try:
         torch.onnx.export(model, (torch.randn(1, *size),), str(out), input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    except ImportError as e:
-        raise RuntimeError(f"ONNX export needs the onnx package ({e}); pip install 'rlrr[onnx]'") from None
+    except Exception as e:  # noqa: BLE001 - torch reports a missing onnx package in several ways
+        if "onnx" in str(e).lower() and "install" in str(e).lower():
+            raise RuntimeError("ONNX export needs the onnx package; pip install 'rlrr[onnx]'") from None
+        raise
     print(f"exported merged {args.model} to {out}")
     return out
 

@@ -156,6 +156,7 @@ class Trainer:
                 self.state.update(phase=phase, epoch=0)
             epochs = cfg.epochs if phase != "final" else self.state["selected_epochs"]
             model = self.run_phase(phase, train_split, eval_split, epochs, continuing)
+        self.last_model = dist.unwrap(model)
         return self.finish(model)
 
     def run_phase(self, phase: str, train_split: str, eval_split: str | None, stop_after: int, continuing: bool):
@@ -208,6 +209,7 @@ class Trainer:
         """Test once (honest protocols), write the adapter, summary.json and the learning-curve PNG."""
         cfg, st = self.cfg, self.state
         plain = dist.unwrap(model)
+        dist.barrier()  # rank 0's last best_adapter write must land before anyone reads it
         if cfg.protocol == "val":  # test the best-on-val checkpoint, not the last epoch
             from ..adapter import load_adapter
             load_adapter(plain, self.out / "best_adapter.safetensors")
