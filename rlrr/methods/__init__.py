@@ -1,4 +1,4 @@
 """Fine-tuning methods behind one interface (see ``base``): one file per method."""
-from . import rlrr as _rlrr, simple as _simple, ssf as _ssf  # noqa: F401 - importing registers each method
+from . import adapter as _adapter, lora as _lora, rlrr as _rlrr, simple as _simple, ssf as _ssf, vpt as _vpt  # noqa: F401
 
-_load_all = True
+_load_all = True  # importing the modules above registers every method

@@ -108,7 +108,7 @@ def added_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     out = {}
     for mname, module in model.named_modules():
         for pname in getattr(module, "adapter_params", ()):
-            p = getattr(module, pname, None)
+            p = getattr(module, pname, None) if "." not in pname else module.get_parameter(pname)
             if isinstance(p, nn.Parameter):
                 out[f"{mname}.{pname}" if mname else pname] = p
     return out

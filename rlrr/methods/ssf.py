@@ -76,8 +76,12 @@ def fold_channel_affine(module: nn.Module, scale: torch.Tensor, shift: torch.Ten
     bias.mul_(s).add_(shift.to(bias.dtype))
 
 
-def inject_feature_rescale(model: nn.Module, pattern: str, std: float) -> None:
+def inject_feature_rescale(model: nn.Module, pattern: str, std: float, need_bias: bool = False) -> None:
+    """Wrap every module matching ``pattern``; with ``need_bias``, skip bias-free layers (ResNet convs),
+    whose output a norm rescales next anyway, so the result stays mergeable."""
     for name, module in matching(model, pattern):
+        if need_bias and isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is None:
+            continue
         replace(model, name, FeatureRescale(module, std))
 
 
@@ -98,7 +102,7 @@ class SSFConfig:
 def apply_ssf(model: nn.Module, cfg: SSFConfig) -> nn.Module:
     fam = family_of(model)
     freeze(model, cfg.train_head)
-    inject_feature_rescale(model, f"{fam.linear}|{fam.norms}", cfg.init_std)
+    inject_feature_rescale(model, f"{fam.linear}|{fam.norms}", cfg.init_std, need_bias=True)
     return model
 
 
