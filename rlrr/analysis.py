@@ -25,12 +25,14 @@ from .backbones import create_backbone, family_of, matching
 from .methods.base import MergeError, merge
 
 
-def effective_rank(m: torch.Tensor, eps: float = 1e-12) -> float:
+def effective_rank(m: torch.Tensor, rtol: float = 1e-5) -> float:
+    """exp(entropy of the normalised singular values); values under ``rtol·σ_max`` are float32
+    round-off of weights stored in fp32, not directions, and are dropped."""
     s = torch.linalg.svdvals(m.double())
-    if s.sum() <= eps * max(m.shape):
+    if s.numel() == 0 or s.max() <= 1e-12:
         return 0.0
+    s = s[s > rtol * s.max()]
     p = s / s.sum()
-    p = p[p > eps]
     return float(torch.exp(-(p * p.log()).sum()))
 
 

@@ -5,7 +5,6 @@ Every error a user can cause ends as one ``error: ...`` line and exit status 2; 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import os
@@ -15,33 +14,17 @@ from pathlib import Path
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
 
 # --- shared pieces ------------------------------------------------------------------------------
-def task_config(data: str, config: str | None) -> dict:
-    """The checked-in per-task config (configs/<kind>/<task>.yaml) for a data spec, or an explicit file."""
-    if config:
-        path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-    else:
-        kind, _, where = data.partition(":")
-        path = CONFIG_DIR / kind / f"{Path(where).name}.yaml"
-        if not path.is_file():
-            return {}
-    return yaml.safe_load(path.read_text()) or {}
-
-
-def method_config(name: str, opts: list[str]):
-    from .methods.base import make_config
+def method_options(opts: list[str] | None) -> dict:
+    """``--method-opt key=value`` pairs, values parsed as YAML scalars/lists."""
     values = {}
     for opt in opts or []:
         key, sep, val = opt.partition("=")
         if not sep:
             raise ValueError(f"--method-opt {opt!r} must look like key=value")
         values[key.replace("-", "_")] = yaml.safe_load(val)
-    return make_config(name, **values)
+    return values
 
 
 def backbone(args, num_classes: int | None, drop_path: float = 0.0):
@@ -89,29 +72,12 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
 
 # --- subcommands --------------------------------------------------------------------------------
 def cmd_train(args) -> dict:
-    from .data import build_data
-    from .engine.trainer import TrainConfig, Trainer
-    from .methods.base import apply, format_summary, summary
-    task = task_config(args.data, args.config)
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                 if getattr(args, f.name, None) is not None}
-    train_cfg = TrainConfig(**{**task.get("train", {}), **overrides})
-    drop_path = args.drop_path if args.drop_path is not None else task.get("drop_path", 0.0)
-    num_classes = args.num_classes or task.get("num_classes")
-    import torch
-    torch.manual_seed(train_cfg.seed)  # --weights none / fresh heads: the same backbone on --resume
-    base = backbone(args, num_classes, drop_path)
-    splits = build_data(args.data, data_config(base), args.aug or task.get("aug"), train_cfg.seed,
-                        args.skip_bad_images, num_classes)
-    if num_classes is None:
-        base.reset_classifier(splits.num_classes)
-    mcfg = method_config(args.method, args.method_opt)
-
-    def make_model():
-        return apply(copy.deepcopy(base), mcfg)
-
-    print(format_summary(summary(make_model())))
-    result = Trainer(make_model, splits, train_cfg, Path(args.output)).fit(resume=args.resume)
+    from .engine.trainer import TrainConfig
+    from .experiment import run_experiment
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    result = run_experiment(args.model, None if args.weights == "none" else args.weights, args.data, args.output,
+                            args.method, method_options(args.method_opt), args.config, args.resume, args.num_classes,
+                            args.drop_path, args.img_size, args.aug, args.skip_bad_images, **overrides)
     print(f"{result['method']} on {result['dataset']} [{result['protocol']}]: test top-1 {result['test_acc']:.2f}% "
           f"(selected epoch {result['selected_epoch']}) -> {args.output}/summary.json")
     return result
@@ -190,8 +156,8 @@ def cmd_export(args) -> Path:
 
 
 def cmd_info(args) -> dict:
-    from .methods.base import apply, summary, trainable_parameters
-    model = apply(backbone(args, args.num_classes), method_config(args.method, args.method_opt))
+    from .methods.base import apply, make_config, summary, trainable_parameters
+    model = apply(backbone(args, args.num_classes), make_config(args.method, **method_options(args.method_opt)))
     s = summary(model)
     groups: dict[str, int] = {}
     for name, p in trainable_parameters(model):
@@ -216,6 +182,19 @@ def cmd_pretrain(args) -> dict:
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)
                             if getattr(args, f.name, None) is not None})
     return pretrain(cfg, Path(args.output))
+
+
+def cmd_bench(args) -> list:
+    from .bench import run_bench
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    return run_bench(args.suite, split(args.methods), [int(s) for s in split(args.seeds)], Path(args.output),
+                     args.root, args.model, args.weights, args.smoke, epochs=args.epochs, protocol=args.protocol)
+
+
+def cmd_analyze(args) -> dict:
+    from .analysis import run_analysis
+    return run_analysis(args.model, None if args.weights == "none" else args.weights, args.adapter,
+                        Path(args.output), args.topk)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,6 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
                       ("seed", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
     p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("bench", help="task x method x seed grid, resumable, paper-shaped table")
+    p.add_argument("--suite", choices=["mini", "vtab1k", "fgvc"], default="mini")
+    p.add_argument("--methods", default="linear,full,bitfit,ssf,lora,adapter,vpt,rlrr")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--root", help="folder with the suite's task folders (vtab1k, fgvc)")
+    p.add_argument("--model", default=None, help="backbone (default: the suite's)")
+    p.add_argument("--weights", default=None, help="backbone weights file (vtab1k/fgvc: e.g. ViT-B_16.npz)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None)
+    p.add_argument("--smoke", action="store_true", help="one task, one epoch: a CI-sized check of the runner")
+    p.add_argument("--output", default="runs/bench")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("analyze", help="SVD view of how adapters change the pretrained weights")
+    add_model_args(p, adapter=False)
+    p.add_argument("--adapter", action="append", required=True, help="adapter file (repeat to compare methods)")
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--output", default="runs/analysis")
+    p.set_defaults(func=cmd_analyze)
     return ap
 
 

@@ -3,53 +3,47 @@ digits, fully offline on a CPU.  Both runs go through the same Trainer and the h
 protocol (epoch picked on val200, test evaluated once)."""
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
 
 import torch
+from timm.data import resolve_data_config
 from torch.utils.data import DataLoader
 
 from .backbones import EMBEDDED_NAME, create_backbone
 from .data import build_data
 from .engine.loop import evaluate
-from .engine.trainer import TrainConfig, Trainer
-from .methods.base import apply, make_config
+from .experiment import run_experiment
 
-# Per-method settings for the demo task (chosen on val200 of mnist; see configs/offline/).
-DEMO_METHODS = {"rlrr": {"lr": 3e-3}, "linear": {"lr": 1e-2}}
+METHODS = ("rlrr", "linear")
 
 
 def run_demo(out: Path, quick: bool = False, task: str = "mnist") -> dict:
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    """Both methods with their rates from configs/offline/<task>.yaml; ``quick`` = a CI-sized schedule."""
     out.mkdir(parents=True, exist_ok=True)
-    base = create_backbone(EMBEDDED_NAME, weights="pretrained", num_classes=10)
-    from timm.data import resolve_data_config
-    splits = build_data(f"offline:{task}", resolve_data_config({}, model=base), seed=0)
-    if splits.num_classes != 10:
-        base.reset_classifier(splits.num_classes)
-    epochs = 2 if quick else 15
-    if quick:  # a CI-sized run: fewer test images, same code path
-        splits.test = torch.utils.data.Subset(splits.test, range(500))
-    rows = []
     torch.manual_seed(0)
-    untrained = evaluate(base, DataLoader(splits.test, 256), torch.device("cpu"))["acc"]
-    for name, opts in DEMO_METHODS.items():
-        cfg = TrainConfig(epochs=epochs, warmup_epochs=1, batch_size=32, weight_decay=5e-5, protocol="val",
-                          progress=not quick, **opts)
-        mcfg = make_config(name)
+    base = create_backbone(EMBEDDED_NAME, weights="pretrained", num_classes=10)
+    test = build_data(f"offline:{task}", resolve_data_config({}, model=base)).test
+    if test.num_classes != 10:
+        base.reset_classifier(test.num_classes)
+    untrained = evaluate(base, DataLoader(test, 256), torch.device("cpu"))["acc"]
+    short = {"epochs": 3, "warmup_epochs": 1} if quick else {}
+    rows = []
+    for method in METHODS:
         t0 = time.time()
-        res = Trainer(lambda: apply(copy.deepcopy(base), mcfg), splits, cfg, out / name).fit()
-        rows.append({"method": name, "trainable_params": res["trainable_params"],
+        res = run_experiment(EMBEDDED_NAME, "pretrained", f"offline:{task}", out / method, method, protocol="val",
+                             progress=not quick, verbose=False, **short)
+        rows.append({"method": method, "trainable_params": res["trainable_params"],
                      "method_params": res["method_params"], "val_acc": res["val_acc"], "test_acc": res["test_acc"],
-                     "wall_s": round(time.time() - t0, 1), "lr": opts["lr"]})
-    result = {"task": task, "backbone": f"{EMBEDDED_NAME} (fractal-pretrained, shipped)", "epochs": epochs,
+                     "wall_s": round(time.time() - t0, 1), "lr": res["config"]["lr"], "epochs": res["config"]["epochs"]})
+    result = {"task": task, "backbone": f"{EMBEDDED_NAME} (fractal-pretrained, shipped)",
               "protocol": "val: best epoch on val200, test once", "untrained_test_acc": untrained,
-              "test_size": len(splits.test), "rows": rows}
+              "test_size": len(test), "rows": rows}
     (out / "demo.json").write_text(json.dumps(result, indent=1))
-    _plot(out, list(DEMO_METHODS))
+    _plot(out, list(METHODS))
     print(format_table(result))
+    print(f"adapters: {out}/rlrr/adapter.safetensors; curves: {out}/curves.png")
     return result
 
 

@@ -39,7 +39,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_loss, correct, seen = 0.0, 0, 0
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress)
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if progress else True)
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
@@ -76,7 +76,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "n
     """Top-1 accuracy (%) and mean loss over a loader."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
-    for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
+    for x, y in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
         x, y = x.to(device), y.to(device)
         with autocast(device, amp):
             logits = model(x).float()

@@ -1,0 +1,138 @@
+"""``rlrr bench``: every task × method × seed through the same harness, resumable, summarised in
+the paper's table shape (per-task top-1, group means, mean, trainable params) and a PNG of
+accuracy vs trainable parameters.
+
+Cells live in ``<out>/<task>/<method>/seed<k>/``; a cell with ``summary.json`` is done and skipped,
+an unfinished one resumes from its checkpoint, so a killed bench just runs again.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from .backbones import EMBEDDED_NAME
+from .data.benchmarks import FGVC, VTAB
+from .experiment import run_experiment
+
+MINI_TASKS = ("mnist", "dsprites_ori", "clevr_count")
+MINI_GROUP = {"mnist": "natural", "digits": "natural", "dsprites_loc": "structured", "dsprites_ori": "structured",
+              "clevr_count": "structured"}
+# Published figures (cite as published, not ours): only what ../shared/reference states.
+PUBLISHED = {"vtab1k": [{"method": "RLRR (published, ViT-B/16 IN-21k)", "natural": 83.9, "mean": 76.7}]}
+
+
+def suite_cells(suite: str, root: str | None, smoke: bool) -> tuple[list[tuple[str, str, str]], str, dict]:
+    """(task name, group, data spec) per task, the suite's backbone, and the training settings it fixes."""
+    if suite == "mini":
+        tasks = MINI_TASKS[:1] if smoke else MINI_TASKS
+        cells = [(t, MINI_GROUP[t], f"offline:{t}") for t in tasks]
+        settings = {"protocol": "val", "epochs": 1 if smoke else 10, "warmup_epochs": 0 if smoke else 1}
+        return cells, EMBEDDED_NAME, settings
+    if root is None:
+        raise ValueError(f"--suite {suite} needs --root (the folder holding the {suite} task folders)")
+    if suite == "vtab1k":
+        cells = [(t, g, f"vtab1k:{root}/{t}") for t, (_, g) in VTAB.items()]
+    elif suite == "fgvc":
+        cells = [(t, "fgvc", f"fgvc:{root}/{t}") for t in FGVC]
+    else:
+        raise ValueError(f"unknown suite {suite!r}; use mini, vtab1k or fgvc")
+    return cells, "vit_base_patch16_224", {}
+
+
+def run_bench(suite: str, methods: list[str], seeds: list[int], out: Path, root: str | None = None,
+              model: str | None = None, weights: str | None = None, smoke: bool = False, **overrides) -> list[dict]:
+    cells, suite_model, settings = suite_cells(suite, root, smoke)
+    settings = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
+    model, weights = model or suite_model, weights or "pretrained"
+    rows = []
+    total = len(cells) * len(methods) * len(seeds)
+    n = 0
+    for task, group, spec in cells:
+        for method in methods:
+            for seed in seeds:
+                n += 1
+                cell = out / task / method / f"seed{seed}"
+                done = cell / "summary.json"
+                if done.is_file():
+                    res = json.loads(done.read_text())
+                    print(f"[{n}/{total}] {task} {method} seed {seed}: done, {res['test_acc']:.2f}%")
+                else:
+                    print(f"[{n}/{total}] {task} {method} seed {seed}: running", flush=True)
+                    res = run_experiment(model, weights, spec, cell, method, resume=True, seed=seed,
+                                         verbose=False, progress=False, **settings)
+                rows.append({"task": task, "group": group, "method": method, "seed": seed,
+                             "test_acc": res["test_acc"], "val_acc": res["val_acc"], "protocol": res["protocol"],
+                             "trainable_params": res["trainable_params"], "method_params": res["method_params"],
+                             "train_wall_s": res["train_wall_s"]})
+    write_results(rows, out, suite)
+    return rows
+
+
+def write_results(rows: list[dict], out: Path, suite: str) -> str:
+    """results.csv, results.md (paper-shaped table) and accuracy_vs_params.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    table = markdown_table(rows, suite)
+    (out / "results.md").write_text(table + "\n")
+    plot_accuracy_vs_params(rows, out / "accuracy_vs_params.png")
+    print(table)
+    return table
+
+
+def _agg(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def markdown_table(rows: list[dict], suite: str) -> str:
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    head = ["method", "params (M)", *tasks, *[f"{g} mean" for g in groups if len(groups) > 1], "mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        seeds = sorted({r["seed"] for r in mine})
+        per_task = {t: _agg([r["test_acc"] for r in mine if r["task"] == t]) for t in tasks}
+        # group and overall means are computed per seed, then mean ± std over seeds
+        def seed_means(keep) -> tuple[float, float]:
+            return _agg([statistics.fmean(r["test_acc"] for r in mine if r["seed"] == s and keep(r)) for s in seeds])
+        cells = [f"{m}", f"{statistics.fmean(r['method_params'] for r in mine) / 1e6:.3f}"]
+        cells += [f"{a:.1f} ± {s:.1f}" if len(seeds) > 1 else f"{a:.1f}" for a, s in per_task.values()]
+        if len(groups) > 1:
+            for g in groups:
+                a, s = seed_means(lambda r, g=g: r["group"] == g)
+                cells.append(f"{a:.1f} ± {s:.1f}" if len(seeds) > 1 else f"{a:.1f}")
+        a, s = seed_means(lambda r: True)
+        cells.append(f"**{a:.1f}** ± {s:.1f}" if len(seeds) > 1 else f"**{a:.1f}**")
+        lines.append("| " + " | ".join(cells) + " |")
+    protocols = sorted({r["protocol"] for r in rows})
+    lines.append(f"\nTop-1 % on test, mean ± std over seeds {sorted({r['seed'] for r in rows})}; protocol: "
+                 f"{', '.join(protocols)}; params = method parameters without the head.")
+    for p in PUBLISHED.get(suite, []):
+        figs = ", ".join(f"{k} {v}" for k, v in p.items() if k != "method")
+        lines.append(f"\nPublished (not run here): {p['method']}: {figs}")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_params(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == m]
+        params = max(statistics.fmean(r["method_params"] for r in mine), 1)
+        acc = statistics.fmean(r["test_acc"] for r in mine)
+        ax.scatter(params, acc, s=40)
+        ax.annotate(m, (params, acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xscale="log", xlabel="trainable method parameters (log; linear probe shown at 1)",
+           ylabel="mean top-1 (%)", title="accuracy vs trainable parameters")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,58 @@
+"""One fine-tuning run from plain values: backbone + data + method + task config -> Trainer.
+
+Shared by ``rlrr train``, ``rlrr demo`` and ``rlrr bench`` so the three cannot drift apart.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.data import resolve_data_config
+
+from .backbones import create_backbone
+from .config import method_lr, task_config
+from .data import build_data
+from .engine.trainer import TrainConfig, Trainer
+from .methods.base import apply, format_summary, make_config, summary
+
+
+def run_experiment(model: str, weights: str | None, data: str, output: str | Path, method: str = "rlrr",
+                   method_opts: dict[str, Any] | None = None, config: str | None = None, resume: bool = False,
+                   num_classes: int | None = None, drop_path: float | None = None, img_size: int | None = None,
+                   aug: str | None = None, skip_bad_images: bool = False, verbose: bool = True,
+                   **train_overrides: Any) -> dict:
+    """Train and test one (model, data, method); returns the summary dict also written to summary.json.
+
+    Precedence: explicit ``train_overrides`` > the method's rate in the task config > the task config >
+    ``TrainConfig`` defaults.
+    """
+    task = task_config(data, config)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(train_overrides) - known
+    if unknown:
+        raise TypeError(f"unknown training option(s) {sorted(unknown)}")
+    lr = method_lr(task, method)
+    cfg = TrainConfig(**{**task.get("train", {}), **({"lr": lr} if lr else {}),
+                         **{k: v for k, v in train_overrides.items() if v is not None}})
+    num_classes = num_classes or task.get("num_classes")
+    drop_path = task.get("drop_path", 0.0) if drop_path is None else drop_path
+    kw = {"drop_path_rate": drop_path} if drop_path else {}
+    if img_size:
+        kw["img_size"] = img_size
+    torch.manual_seed(cfg.seed)  # random backbones / fresh heads are the same on --resume
+    base = create_backbone(model, weights=weights, num_classes=num_classes, **kw)
+    splits = build_data(data, resolve_data_config({}, model=base), aug or task.get("aug"), cfg.seed,
+                        skip_bad_images, num_classes)
+    if num_classes is None:
+        base.reset_classifier(splits.num_classes)
+    mcfg = make_config(method, **(method_opts or {}))
+
+    def make_model() -> torch.nn.Module:
+        return apply(copy.deepcopy(base), mcfg)
+
+    if verbose:
+        print(format_summary(summary(make_model())))
+    return Trainer(make_model, splits, cfg, Path(output)).fit(resume=resume)
