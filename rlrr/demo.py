@@ -63,8 +63,9 @@ def _plot(out: Path, methods: list[str]) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for m in methods:
         hist = [json.loads(line) for line in (out / m / "metrics.jsonl").read_text().splitlines()]
-        ax.plot([r["epoch"] for r in hist], [r["val_acc"] for r in hist], marker="o", label=f"{m}: val200")
-        ax.plot([r["epoch"] for r in hist], [r["train_acc"] for r in hist], "--", label=f"{m}: train")
+        line, = ax.plot([r["epoch"] for r in hist], [r["val_acc"] for r in hist], marker="o", label=f"{m}: val200")
+        ax.plot([r["epoch"] for r in hist], [r["train_acc"] for r in hist], "--", color=line.get_color(),
+                label=f"{m}: train")
     ax.set(xlabel="epoch", ylabel="top-1 (%)", title="demo: RLRR vs linear probe")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
