@@ -2,8 +2,8 @@
 eval throughput of unmerged RLRR, merged RLRR and the base model; merge time; adapter size.
 
 Every figure of one table is measured in the same run, same backbone, batch and threads, and printed
-as a ratio.  Each training configuration runs in its own subprocess so that peak memory (CPU: max
-RSS; CUDA: max allocated) belongs to that configuration alone.
+as a ratio.  Each training configuration runs in its own subprocess so that peak memory (CPU: peak
+RSS from VmHWM; CUDA: max allocated) belongs to that configuration alone.
 
     python benchmarks/speed_memory.py                          # CPU defaults (ViT-B @ 112, ViT-Ti @ 224)
     python benchmarks/speed_memory.py --device cuda --batch 64 --cases vit_base_patch16_224@224
@@ -66,9 +66,17 @@ def train_step_child(model: str, img: int, method: str, batch: int, steps: int, 
         sync(device)
         if i >= 2:
             times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss()
     return {"step_s": statistics.median(times), "peak_bytes": peak}
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that across fork+exec,
+    so a child started by a big parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_child(args: list[str]) -> dict:
@@ -80,8 +88,10 @@ def run_child(args: list[str]) -> dict:
 def eval_throughput(model: str, img: int, batch: int, reps: int, device: str) -> dict:
     base = build(model, img, "base", device).eval()
     adapted = build(model, img, "rlrr", device).eval()
+    to_merge = build(model, img, "rlrr", device)
     t = time.perf_counter()
-    merged = rlrr.merge(build(model, img, "rlrr", device))
+    merged = rlrr.merge(to_merge)  # folding only; building the model is not part of merge time
+    sync(device)
     merge_s = time.perf_counter() - t
     merged.eval()
     x = torch.randn(batch, 3, img, img, device=device)
