@@ -10,7 +10,6 @@ __version__ = "0.1.0"
 
 from .adapter import AdapterMismatchError, load_adapter, save_adapter
 from .backbones import BackboneError, create_backbone
-from .methods import base as _base
 from .methods.base import MergeError, apply, format_summary, get_method, make_config, merge, summary, trainable_parameters
 from .methods.rlrr import RLRRConfig, RescaledConv2d, RescaledLinear
 from .methods.ssf import SSFConfig
@@ -18,4 +17,3 @@ from .methods.ssf import SSFConfig
 __all__ = ["AdapterMismatchError", "BackboneError", "MergeError", "RLRRConfig", "RescaledConv2d", "RescaledLinear",
            "SSFConfig", "apply", "create_backbone", "format_summary", "get_method", "load_adapter", "make_config",
            "merge", "save_adapter", "summary", "trainable_parameters"]
-del _base

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -43,7 +44,6 @@ def save_adapter(model: torch.nn.Module, path: str | Path, extra: dict[str, str]
     tmp = path.with_name(path.name + ".tmp")
     save_file(adapter_state(model), str(tmp), metadata={**adapter_metadata(model), **(extra or {})})
     with open(tmp, "rb") as f:
-        import os
         os.fsync(f.fileno())
     tmp.replace(path)
     return path

@@ -7,7 +7,7 @@ pretrained ``W`` with the merged ``W'``:
 * ``sv_ratio``        σ'_i / σ_i for the top-k singular values
 * ``align_left/right`` ‖U_kᵀ U'_k‖_F² / k — 1 when the top-k singular subspaces are kept
 * ``update_in_span``  share of ‖ΔW‖² inside span(U_k) ⊗ span(V_k) of the pretrained W — high when a
-  method rescales existing directions, low when it adds new ones
+  method works in W's leading directions, low when it adds others; null for an unchanged matrix
 * ``update_eff_rank`` entropy effective rank (Roy & Vetterli) of ΔW = W'−W; 0 for no change
 
 Works for every mergeable method (RLRR, LoRA, SSF, BitFit, full fine-tuning).
@@ -45,7 +45,7 @@ def compare(w: torch.Tensor, w2: torch.Tensor, k: int = 8) -> dict[str, float | 
     delta = w2 - w
     uk, vk = u[:, :k], vh[:k].T
     dn = float(delta.norm()) ** 2
-    in_span = float((uk.T @ delta @ vk).norm()) ** 2 / dn if dn > 0 else 1.0
+    in_span = float((uk.T @ delta @ vk).norm()) ** 2 / dn if dn > 0 else None  # undefined without change
     return {"rel_change": float(delta.norm() / w.norm()),
             "sv_ratio": (s2[:k] / s[:k]).tolist(),
             "align_left": float((uk.T @ u2[:, :k]).norm() ** 2 / k),
@@ -93,6 +93,7 @@ def plot(results: dict, out: Path) -> list[Path]:
         names = list(res["layers"])
         for ax, (key, title) in zip(axes, panels):
             vals = [(r["sv_ratio"][0] if key == "sv_top1" else r[key]) for r in res["layers"].values()]
+            vals = [float("nan") if v is None else v for v in vals]
             ax.plot(range(len(names)), vals, marker=".", label=f"{res['method']} ({Path(path).stem})")
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("adapted matrix (model order)")
@@ -114,10 +115,14 @@ def run_analysis(model_name: str, weights: str | None, adapters: list[str], out:
     for path, r in res["methods"].items():
         if "layers" in r:
             layers = list(r["layers"].values())
-            mean = lambda key: sum(x[key] for x in layers) / len(layers)  # noqa: E731
-            print(f"{r['method']:<8} {Path(path).name}: mean ‖ΔW‖/‖W‖ {mean('rel_change'):.4f}, top-k alignment "
-                  f"{mean('align_left'):.4f}, ΔW in top-k span {mean('update_in_span'):.3f}, "
-                  f"eff. rank(ΔW) {mean('update_eff_rank'):.1f}")
+            changed = [x for x in layers if x["rel_change"] > 0]
+
+            def mean(key: str, rows: list = layers) -> str:
+                vals = [x[key] for x in rows if x[key] is not None]
+                return f"{sum(vals) / len(vals):.3f}" if vals else "n/a"
+            print(f"{r['method']:<8} {path}: mean ‖ΔW‖/‖W‖ {mean('rel_change')}, top-k alignment "
+                  f"{mean('align_left')}; over the {len(changed)}/{len(layers)} changed matrices: ΔW in top-k span "
+                  f"{mean('update_in_span', changed)}, eff. rank(ΔW) {mean('update_eff_rank', changed)}")
         else:
             print(f"{r['method']:<8} {Path(path).name}: skipped ({r['skipped']})")
     return res

@@ -8,8 +8,9 @@ from timm.scheduler import CosineLRScheduler
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two groups: no weight decay on biases, norms and 1-d vectors.
 
-    The official code exempts names containing 'bias' or 'norm'; 1-d scale vectors (RLRR's s_l/s_r,
-    SSF's γ/β) are exempt too here only when their name says so, to match it exactly.
+    The rule is the official code's, by name: 'bias' or 'norm' in the parameter name. Our names make
+    two differences (see README): RLRR's ``shift`` is decayed (the official ``shift_bias`` is not),
+    and SSF parameters inside a wrapped norm (``norm1.scale``) are exempt (the official ones are not).
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
