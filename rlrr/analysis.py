@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .adapter import load_adapter, read_adapter
-from .backbones import create_backbone, family_of, matching
+from .backbones import checkpoint_num_classes, create_backbone, family_of, matching
 from .methods.base import MergeError, merge
 
 
@@ -64,8 +64,7 @@ def analyze(model_name: str, weights: str | None, adapters: list[str | Path], k:
     results = {"model": model_name, "topk": k, "methods": {}}
     for path in adapters:
         tensors, meta = read_adapter(path)
-        heads = [t for name, t in tensors.items() if name.endswith(("head.weight", "fc.weight"))]
-        model = create_backbone(model_name, weights=weights, num_classes=heads[-1].shape[0] if heads else None)
+        model = create_backbone(model_name, weights=weights, num_classes=checkpoint_num_classes(model_name, tensors))
         before = adapted_matrices(model)
         model = load_adapter(model, path)
         try:

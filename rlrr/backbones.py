@@ -104,6 +104,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
+def checkpoint_num_classes(name: str, tensors: dict[str, torch.Tensor]) -> int | None:
+    """Class count of the classifier stored in ``tensors`` (an adapter or a merged checkpoint) for
+    timm model ``name``, found under the classifier name timm records for it; None without a head."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    cls_name = getattr(cfg, "classifier", None) or "head"
+    head = tensors.get(f"{cls_name}.weight", tensors.get("head.weight", tensors.get("fc.weight")))
+    return None if head is None else head.shape[0]
+
+
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load a local checkpoint into a freshly created timm model.
 

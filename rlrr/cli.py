@@ -27,11 +27,10 @@ def method_options(opts: list[str] | None) -> dict:
     return values
 
 
-def backbone(args, num_classes: int | None, drop_path: float = 0.0):
+def backbone(args, num_classes: int | None):
+    """The backbone an inference command names (--model, --weights, --img-size)."""
     from .backbones import create_backbone
-    kw = {"drop_path_rate": drop_path} if drop_path else {}
-    if getattr(args, "img_size", None):
-        kw["img_size"] = args.img_size
+    kw = {"img_size": args.img_size} if getattr(args, "img_size", None) else {}
     return create_backbone(args.model, weights=None if args.weights == "none" else args.weights,
                            num_classes=num_classes, **kw)
 
@@ -45,17 +44,14 @@ def adapted_model(args):
     """Backbone (+ adapter if given), ready for inference; the class count comes from the adapter's head
     or, for a merged checkpoint, from the weights file's classifier."""
     from .adapter import load_adapter, read_adapter
-    from .backbones import read_state_dict
+    from .backbones import checkpoint_num_classes, read_state_dict
     if args.adapter:
         tensors, _ = read_adapter(args.adapter)
     elif args.weights not in ("none", "pretrained") and Path(args.weights).suffix != ".npz" and Path(args.weights).is_file():
         tensors = read_state_dict(args.weights)
     else:
         tensors = {}
-    from timm.models import get_pretrained_cfg
-    cls_name = getattr(get_pretrained_cfg(args.model), "classifier", None) or "head"
-    head = tensors.get(f"{cls_name}.weight", tensors.get("head.weight", tensors.get("fc.weight")))
-    model = backbone(args, head.shape[0] if head is not None else None)
+    model = backbone(args, checkpoint_num_classes(args.model, tensors))
     if args.adapter:
         model = load_adapter(model, args.adapter)
     return model.eval()
