@@ -110,3 +110,28 @@ def test_every_method_registered_and_options_checked():
         rlrr.make_config("lora", rnak=4)
     with pytest.raises(KeyError, match="unknown method"):
         get_method("loha")
+
+
+def test_rescale_after_layernorm_is_the_formula_and_keeps_no_activation():
+    """γ, β fold into the LayerNorm's affine at every call: same outputs and gradients as
+    ``LN(x)·γ + β`` written out, without the rescale saving the normalised tokens for backward."""
+    from rlrr.engine.memory import saved_activation_bytes
+    from rlrr.methods.ssf import FeatureRescale
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(16)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.1)
+    fr = FeatureRescale(norm, std=0.1)
+    assert fr.folds_into_norm
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    y = fr(x)
+    y_ref = norm(x) * fr.scale + fr.shift
+    assert torch.allclose(y, y_ref, atol=1e-6)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, fr.scale, fr.shift), g)
+    want = torch.autograd.grad(y_ref, (x, fr.scale, fr.shift), g)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5)
+    exclude = [*fr.parameters(), x]
+    assert saved_activation_bytes(lambda: fr(x), exclude) < saved_activation_bytes(
+        lambda: norm(x) * fr.scale + fr.shift, exclude)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import TINY, tiny
 
 import rlrr
+from rlrr.engine.memory import saved_activation_bytes
 from rlrr.methods.rlrr import RescaledConv2d, RescaledLinear
 
 
@@ -92,6 +93,28 @@ def test_gradcheck_float64():
     dw = RescaledConv2d(torch.nn.Conv2d(4, 4, 3, padding=1, groups=4).double())
     x = torch.randn(1, 4, 5, 5, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *p: dw(x), (x, dw.scale_l, dw.scale_r, dw.shift))
+    # an unfrozen base weight and bias (e.g. RLRR on top of full fine-tuning) get their gradients too
+    lin.weight.requires_grad_(True)
+    lin.bias.requires_grad_(True)
+    x = torch.randn(2, 3, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: lin(x), (x, lin.weight, lin.bias, lin.scale_l, lin.scale_r))
+
+
+def test_backward_keeps_no_effective_weight():
+    """W' is recomputed in backward: autograd keeps nothing but the layer's input and its parameters,
+    where the textbook formula keeps a W' per layer until backward reaches it."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 256)
+    lin = RescaledLinear(base)
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    assert saved_activation_bytes(lambda: lin(x), [*lin.parameters(), x]) == 0
+    s = torch.outer(lin.scale_l[0, 0], lin.scale_r[0, 0])
+    naive = saved_activation_bytes(lambda: F.linear(x, base.weight + s * base.weight, base.bias + lin.shift),
+                                   [*lin.parameters(), x])
+    assert naive >= base.weight.numel() * base.weight.element_size()
+    conv = RescaledConv2d(torch.nn.Conv2d(8, 16, 3, padding=1))
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    assert saved_activation_bytes(lambda: conv(x), [*conv.parameters(), x]) == 0
 
 
 @pytest.mark.parametrize("family", list(TINY))

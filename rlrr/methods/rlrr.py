@@ -46,19 +46,20 @@ class _RescaledOp(torch.autograd.Function):
         x, weight, bias, scale_l, scale_r, shift = ctx.saved_tensors
         layer: _Rescaled = ctx.layer
         need = ctx.needs_input_grad
-        scale = layer.scale_matrix(scale_l, scale_r)
-        w_eff = (weight + weight * layer.from_matrix(scale, weight.shape)).to(x.dtype)
+        scale = layer.from_matrix(layer.scale_matrix(scale_l, scale_r), weight.shape)
+        w_eff = torch.addcmul(weight, weight, scale).to(x.dtype)
         gx, gw_eff = layer.op_backward(grad_out, x, w_eff, need[0], any(need[1:5]))
+        del w_eff
         g_w = g_l = g_r = g_b = g_f = None
         if gw_eff is not None:
             gw_eff = gw_eff.to(weight.dtype)
-            gm = layer.to_matrix(gw_eff * weight)  # dL/dS in matrix form
+            if need[1]:
+                g_w = torch.addcmul(gw_eff, gw_eff, scale)
+            gm = layer.to_matrix(gw_eff.mul_(weight))  # dL/dS in matrix form, in place: dL/dW' is done
             if need[3]:
                 g_l = torch.einsum("goi,rgi->rgo", gm, scale_r)
             if need[4]:
                 g_r = torch.einsum("goi,rgo->rgi", gm, scale_l)
-            if need[1]:
-                g_w = gw_eff + gw_eff * layer.from_matrix(scale, weight.shape)
         if need[2] or need[5]:
             gsum = grad_out.sum(dim=[d for d in range(grad_out.ndim) if d != layer.channel_dim % grad_out.ndim])
             g_b = gsum.to(bias.dtype) if need[2] else None
@@ -128,7 +129,7 @@ class _Rescaled(nn.Module):
         scale_l = self.scale_l if scale_l is None else scale_l
         scale_r = self.scale_r if scale_r is None else scale_r
         shift = self.shift if shift is None else shift
-        w = weight + weight * self.from_matrix(self.scale_matrix(scale_l, scale_r), weight.shape)
+        w = torch.addcmul(weight, weight, self.from_matrix(self.scale_matrix(scale_l, scale_r), weight.shape))
         b = None if bias is None else bias + shift
         dtype = dtype or weight.dtype
         return w.to(dtype), (None if b is None else b.to(dtype))

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 from timm.layers import LayerNorm2d
+import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import family_of, matching
@@ -50,8 +51,16 @@ class FeatureRescale(nn.Module):
         if std > 0:
             nn.init.normal_(self.scale, 1.0, std)
             nn.init.normal_(self.shift, 0.0, std)
+        # After a token LayerNorm, γ, β fold into its affine at every call: the same function, but the
+        # norm's own backward yields their gradients from the statistics it keeps anyway, so the rescale
+        # stores no activation of its own and adds no pass over the tokens.
+        self.folds_into_norm = (isinstance(inner, nn.LayerNorm) and self.dim == -1
+                                and inner.weight is not None and inner.bias is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folds_into_norm:
+            n = self.inner
+            return F.layer_norm(x, n.normalized_shape, n.weight * self.scale, n.bias * self.scale + self.shift, n.eps)
         y = self.inner(x)
         shape = [1] * y.ndim
         shape[self.dim] = -1
