@@ -11,8 +11,7 @@ the RLRR op itself adds on top of the GEMMs.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from torch import nn
 
 from rlrr.engine.memory import saved_activation_bytes
 from rlrr.methods.rlrr import RescaledLinear
+from timing import best_interleaved
 
 
 class Naive(nn.Module):
@@ -45,21 +45,16 @@ def variants(in_f: int, out_f: int, device: str) -> dict[str, nn.Module]:
             "RLRR op": RescaledLinear(base()).to(device), "naive autograd": Naive(base()).to(device)}
 
 
-def step_time(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, reps: int, device: str) -> float:
-    times = []
-    for i in range(reps + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        layer(x).backward(g)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-        for p in layer.parameters():
+def train_step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    """Forward + backward of ``layer`` with fresh gradients each call (no accumulation pass)."""
+    params = list(layer.parameters())
+
+    def step() -> None:
+        for p in params:
             p.grad = None
         x.grad = None
-    return statistics.median(times)
+        layer(x).backward(g)
+    return step
 
 
 def main() -> None:
@@ -77,11 +72,8 @@ def main() -> None:
         b, n = (int(v) for v in spec.split("x"))
         x = torch.randn(b, n, in_f, device=a.device, requires_grad=True)
         g = torch.randn(b, n, out_f, device=a.device)
-        rows = {}
-        for _ in range(2):  # interleaved rounds; keep each variant's best median
-            for name, layer in layers.items():
-                t = step_time(layer, x, g, a.reps, a.device)
-                rows[name] = min(rows.get(name, t), t)
+        rows = best_interleaved({name: train_step(layer, x, g) for name, layer in layers.items()}, a.reps, a.device,
+                                warmup=2)
         floor = rows["trained linear (3-GEMM floor)"]
         print(f"\n{b} x {n} tokens     fwd+bwd ms   / floor   saved for backward (MiB)")
         for name, t in rows.items():

@@ -10,12 +10,9 @@ rate is the one ``rlrr bench --suite mini`` then uses.  Cells are skipped when a
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from rlrr.backbones import EMBEDDED_NAME
-from rlrr.bench import suite_cells
-from rlrr.experiment import run_experiment
+from rlrr.bench import run_cell, suite_cells
 
 # lr/3, lr, 3·lr around each paper's range, widened by one step where the best sat at an edge.
 GRID = {
@@ -47,18 +44,14 @@ def main() -> None:
     ap.add_argument("--output", type=Path, default=Path("runs/sweep"))
     args = ap.parse_args()
     grid = parse_grid(args.grid) if args.grid else GRID
-    _, _, settings = suite_cells("mini", None, smoke=False)
+    _, model, settings = suite_cells("mini", None, smoke=False)
     lines = ["| method | lr → val / test top-1 (%) | picked |", "|---|---|---|"]
     for method, lrs in grid.items():
         results = {}
         for lr in lrs:
-            out = args.output / args.task / method / f"lr{lr:g}"
-            done = out / "summary.json"
-            res = json.loads(done.read_text()) if done.is_file() else run_experiment(
-                EMBEDDED_NAME, "pretrained", f"offline:{args.task}", out, method, resume=True, seed=0, lr=lr,
-                verbose=False, progress=False, **settings)
+            res = run_cell(args.output / args.task / method / f"lr{lr:g}", f"{method} lr {lr:g}", model,
+                           "pretrained", f"offline:{args.task}", method, seed=0, lr=lr, **settings)
             results[lr] = (res["val_acc"], res["test_acc"])
-            print(f"{method} lr {lr:g}: val {res['val_acc']:.1f}  test {res['test_acc']:.1f}", flush=True)
         best = max(lrs, key=lambda lr: results[lr][0])  # ties go to the first (smaller) rate
         cells = ", ".join(f"{lr:g} → {v:.1f} / {t:.1f}" for lr, (v, t) in results.items())
         lines.append(f"| {method} | {cells} | {best:g} |")

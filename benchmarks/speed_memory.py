@@ -25,6 +25,7 @@ import torch
 
 import rlrr
 from rlrr.engine.memory import saved_activation_bytes
+from timing import best_interleaved, median_seconds, sync
 
 TRAIN_METHODS = ("frozen", "full", "lora", "rlrr")
 
@@ -39,11 +40,6 @@ def build(model: str, img: int, method: str, device: str) -> torch.nn.Module:
     return m.to(device)
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def train_step_child(model: str, img: int, method: str, batch: int, steps: int, device: str, compile_: bool) -> dict:
     """Median training-step time and peak memory of one configuration (run in a fresh process)."""
     m = build(model, img, method, device).train()
@@ -54,22 +50,18 @@ def train_step_child(model: str, img: int, method: str, batch: int, steps: int, 
         step_fn = torch.compile(m)
     x = torch.randn(batch, 3, img, img, device=device, requires_grad=method == "frozen")
     y = torch.randint(0, 100, (batch,), device=device)
-    times = []
-    for i in range(steps + 2):  # two warm-up steps
-        sync(device)
-        t = time.perf_counter()
+
+    def step() -> None:
         loss = torch.nn.functional.cross_entropy(step_fn(x), y)
         loss.backward()
         if opt:
             opt.step()
             opt.zero_grad(set_to_none=True)
         x.grad = None
-        sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t)
+    step_s = median_seconds(step, steps, device, warmup=2)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss()
     saved = None if compile_ else saved_activation_bytes(lambda: m(x), [*m.parameters(), *m.buffers(), x])
-    return {"step_s": statistics.median(times), "peak_bytes": peak, "saved_bytes": saved}
+    return {"step_s": step_s, "peak_bytes": peak, "saved_bytes": saved}
 
 
 def peak_rss() -> int:
@@ -97,18 +89,8 @@ def eval_throughput(model: str, img: int, batch: int, reps: int, device: str) ->
     merge_s = time.perf_counter() - t
     merged.eval()
     x = torch.randn(batch, 3, img, img, device=device)
-    res = {}
-    for _ in range(2):  # interleave the three so drift hits all alike; keep the best of each
-        for name, m in (("base", base), ("merged", merged), ("unmerged", adapted)):
-            m(x)
-            sync(device)
-            ts = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                m(x)
-                sync(device)
-                ts.append(time.perf_counter() - t)
-            res[name] = min(res.get(name, 1e9), statistics.median(ts))
+    res = best_interleaved({"base": lambda: base(x), "merged": lambda: merged(x), "unmerged": lambda: adapted(x)},
+                           reps, device)
     with tempfile.TemporaryDirectory() as d:
         size = rlrr.save_adapter(adapted, Path(d) / "a.safetensors").stat().st_size
     return {"img_per_s": {k: batch / v for k, v in res.items()}, "merge_s": merge_s, "adapter_bytes": size}

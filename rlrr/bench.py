@@ -53,21 +53,26 @@ def run_bench(suite: str, methods: list[str], seeds: list[int], out: Path, root:
         for method in methods:
             for seed in seeds:
                 n += 1
-                cell = out / task / method / f"seed{seed}"
-                done = cell / "summary.json"
-                if done.is_file():
-                    res = json.loads(done.read_text())
-                    print(f"[{n}/{total}] {task} {method} seed {seed}: done, {res['test_acc']:.2f}%")
-                else:
-                    print(f"[{n}/{total}] {task} {method} seed {seed}: running", flush=True)
-                    res = run_experiment(model, weights, spec, cell, method, resume=True, seed=seed,
-                                         verbose=False, progress=False, **settings)
+                res = run_cell(out / task / method / f"seed{seed}", f"[{n}/{total}] {task} {method} seed {seed}",
+                               model, weights, spec, method, seed=seed, **settings)
                 rows.append({"task": task, "group": group, "method": method, "seed": seed,
                              "test_acc": res["test_acc"], "val_acc": res["val_acc"], "protocol": res["protocol"],
                              "trainable_params": res["trainable_params"], "method_params": res["method_params"],
                              "train_wall_s": res["train_wall_s"]})
     write_results(rows, out, suite)
     return rows
+
+
+def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method: str, **settings) -> dict:
+    """One grid cell: the summary of a finished cell, else the run that finishes it (resuming its
+    checkpoint), so an interrupted grid continues where it stopped."""
+    done = cell / "summary.json"
+    if done.is_file():
+        res = json.loads(done.read_text())
+        print(f"{label}: done, {res['test_acc']:.2f}%")
+        return res
+    print(f"{label}: running", flush=True)
+    return run_experiment(model, weights, spec, cell, method, resume=True, verbose=False, progress=False, **settings)
 
 
 def write_results(rows: list[dict], out: Path, suite: str) -> str:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from timm.layers import LayerNorm2d
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import nn
 
 from ..backbones import family_of, matching
