@@ -24,8 +24,18 @@ class AdapterMismatchError(ValueError):
     """An adapter file does not fit the model it is loaded onto."""
 
 
+def batchnorm_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Running statistics of BatchNorms: training in train mode moves them even when the norm is
+    frozen, so an adapter without them would not reproduce a ResNet/EfficientNet it was trained on."""
+    return {f"{n}.{b}" if n else b: t for n, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for b, t in m.named_buffers(recurse=False) if t is not None}
+
+
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model)}
+    """What an adapter file holds: the trainable tensors and the BatchNorm running statistics."""
+    state = {n: p.detach() for n, p in trainable_parameters(model)} | batchnorm_stats(model)
+    return {n: t.cpu().contiguous() for n, t in state.items()}
 
 
 def adapter_metadata(model: torch.nn.Module) -> dict[str, str]:
@@ -73,14 +83,14 @@ def load_adapter(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     elif getattr(model, "peft_method", None) not in (None, meta["method"]):
         raise AdapterMismatchError(f"{path} holds a {meta['method']} adapter but the model has "
                                    f"{model.peft_method} applied; load it onto a plain backbone")
-    own = dict(model.named_parameters())
+    own = dict(model.named_parameters()) | batchnorm_stats(model)
     hint = f" (the adapter was trained on {meta['backbone']}; load it onto that backbone)" \
         if meta["backbone"] != architecture(model) else ""
     for name, p in own.items():  # model order, so the first mismatch named is the first layer
         t = tensors.get(name)
         if t is not None and p.shape != t.shape:
             extra = " (different num_classes? create the backbone with the adapter's class count)" \
-                if not hint and name.split(".")[0] in ("head", "fc") else hint
+                if not hint and name.split(".")[0] in ("head", "fc", "classifier") else hint
             raise AdapterMismatchError(f"{path} does not fit: '{name}' is {tuple(p.shape)} in the model "
                                        f"but {tuple(t.shape)} in the file{extra}")
     unknown = [n for n in tensors if n not in own]

@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from .adapter import load_adapter, read_adapter
-from .backbones import checkpoint_num_classes, create_backbone, family_of, matching
+from .backbones import checkpoint_num_classes, create_backbone
+from .backbones.discover import discover
 from .methods.base import MergeError, merge
 
 
@@ -55,8 +56,8 @@ def compare(w: torch.Tensor, w2: torch.Tensor, k: int = 8) -> dict[str, float | 
 
 
 def adapted_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The family's block linears/convs of a plain (merged) model, by module name."""
-    return {n: m.weight.detach().clone() for n, m in matching(model, family_of(model).linear)}
+    """The discovered block linears/convs of a plain (merged) model, by module name."""
+    return {n: model.get_submodule(n).weight.detach().clone() for n in discover(model).targets}
 
 
 def analyze(model_name: str, weights: str | None, adapters: list[str | Path], k: int = 8,

@@ -58,7 +58,8 @@ def adapted_model(args):
 
 
 def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
-    p.add_argument("--model", default="vit_pico_patch4_32", help="timm architecture name")
+    p.add_argument("--model", default="vit_pico_patch4_32",
+                   help="timm architecture name, or hf:<hub id or local folder> (pip install 'rlrr[hf]')")
     p.add_argument("--weights", default="pretrained",
                    help="local .safetensors/.pth/.npz, 'pretrained' (timm/HF cache) or 'none' (random, tests only)")
     p.add_argument("--img-size", type=int, default=None, help="override the input resolution")
@@ -95,6 +96,7 @@ def cmd_eval(args) -> dict:
 def cmd_predict(args) -> None:
     import torch
     from torchvision.datasets.folder import IMG_EXTENSIONS
+    from .backbones import logits_of
     from .data.images import open_rgb
     from .data.transforms import eval_transform
     model = adapted_model(args)
@@ -110,7 +112,7 @@ def cmd_predict(args) -> None:
         w.writerow(["path"] + [c for k in range(args.topk) for c in (f"class_{k + 1}", f"prob_{k + 1}")])
         for i in range(0, len(files), args.batch_size):
             chunk = files[i:i + args.batch_size]
-            probs = model(torch.stack([tf(open_rgb(p)) for p in chunk])).softmax(-1)
+            probs = logits_of(model(torch.stack([tf(open_rgb(p)) for p in chunk]))).softmax(-1)
             top = probs.topk(min(args.topk, probs.shape[-1]), dim=-1)
             for p, v, k in zip(chunk, top.values, top.indices):
                 w.writerow([str(p.relative_to(root))] + [x for kk, vv in zip(k, v) for x in (int(kk), f"{vv:.4f}")])
@@ -118,22 +120,38 @@ def cmd_predict(args) -> None:
 
 
 def cmd_merge(args) -> Path:
-    import timm
-    from safetensors.torch import save_file
+    from .backbones import is_hf
     from .methods.base import merge
     merged = merge(adapted_model(args))
+    out = Path(args.output)
+    if is_hf(merged):  # a plain transformers folder: from_pretrained loads it
+        merged.save_pretrained(out)
+        _copy_image_processor(args.model, out)
+        print(f"merged {args.model} + {args.adapter} -> {out}/ (plain transformers, from_pretrained-loadable)")
+        return out
+    import timm
+    from safetensors.torch import save_file
     fresh = timm.create_model(args.model, pretrained=False, num_classes=merged.num_classes,
                               **({"img_size": args.img_size} if args.img_size else {}))
     fresh.load_state_dict(merged.state_dict(), strict=True)  # proves it is the untouched architecture
-    out = Path(args.output)
     save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(out),
               metadata={"architecture": args.model, "num_classes": str(merged.num_classes)})
     print(f"merged {args.model} + {args.adapter} -> {out} (plain timm weights, strict-loadable)")
     return out
 
 
+def _copy_image_processor(model: str, out: Path) -> None:
+    """Keep the source checkpoint's preprocessing beside the merged HF weights, when it has one."""
+    from transformers import AutoImageProcessor
+    try:
+        AutoImageProcessor.from_pretrained(model.removeprefix("hf:")).save_pretrained(out)
+    except (OSError, ValueError):
+        pass  # a checkpoint without a processor config (random test models): nothing to keep
+
+
 def cmd_export(args) -> Path:
     import torch
+    from .backbones.hf import LogitsOnly
     from .methods.base import merge
     model = adapted_model(args)
     if getattr(model, "peft_method", None):
@@ -141,8 +159,9 @@ def cmd_export(args) -> Path:
     size = data_config(model)["input_size"]
     out = Path(args.output)
     try:
-        torch.onnx.export(model, (torch.randn(1, *size),), str(out), input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(LogitsOnly(model), (torch.randn(1, *size),), str(out), input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                          dynamo=False)
     except Exception as e:  # noqa: BLE001 - torch reports a missing onnx package in several ways
         if "onnx" in str(e).lower() and "install" in str(e).lower():
             raise RuntimeError("ONNX export needs the onnx package; pip install 'rlrr[onnx]'") from None

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from timm.data import resolve_data_config
 
-from .backbones import create_backbone
+from .backbones import create_backbone, set_num_classes
 from .config import method_lr, task_config
 from .data import build_data
 from .engine.trainer import TrainConfig, Trainer
@@ -47,7 +47,7 @@ def run_experiment(model: str, weights: str | None, data: str, output: str | Pat
     splits = build_data(data, resolve_data_config({}, model=base), aug or task.get("aug"), cfg.seed,
                         skip_bad_images, num_classes)
     if num_classes is None:
-        base.reset_classifier(splits.num_classes)
+        set_num_classes(base, splits.num_classes)
     mcfg = make_config(method, **(method_opts or {}))
 
     def make_model() -> torch.nn.Module:

@@ -222,7 +222,7 @@ def test_adapter_on_wrong_backbone_fails_in_one_line(tmp_path):
     with pytest.raises(rlrr.AdapterMismatchError) as e:
         rlrr.load_adapter(wider, path)
     msg = str(e.value)
-    assert "\n" not in msg and "patch_embed.scale" in msg and "(96,)" in msg and "(48,)" in msg
+    assert "\n" not in msg and "patch_embed.proj.scale" in msg and "(96,)" in msg and "(48,)" in msg
     other_classes = timm.create_model(name, pretrained=False, **{**kwargs, "num_classes": 7})
     with pytest.raises(rlrr.AdapterMismatchError, match="head.weight.*num_classes"):
         rlrr.load_adapter(other_classes, path)

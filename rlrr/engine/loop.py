@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..backbones.hf import logits_of
+
 
 class NonFiniteLoss(RuntimeError):
     """Raised when the loss becomes NaN/inf; the trainer keeps the last good checkpoint."""
@@ -43,7 +45,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
-            logits = model(x)
+            logits = logits_of(model(x))
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, batch {i}; lower --lr, "
@@ -79,7 +81,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "n
     for x, y in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
         x, y = x.to(device), y.to(device)
         with autocast(device, amp):
-            logits = model(x).float()
+            logits = logits_of(model(x)).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         seen += len(y)

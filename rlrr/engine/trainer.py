@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..adapter import adapter_state, save_adapter
+from ..adapter import adapter_state, batchnorm_stats, save_adapter
 from ..methods.base import summary
 from . import distributed as dist
 from .loop import NonFiniteLoss, StepConfig, evaluate, train_one_epoch
@@ -121,7 +121,7 @@ class Trainer:
 
     def load_checkpoint(self, model, opt, sched, scaler) -> None:
         ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        own = dict(dist.unwrap(model).named_parameters())
+        own = dict(dist.unwrap(model).named_parameters()) | batchnorm_stats(dist.unwrap(model))
         with torch.no_grad():
             for k, v in ck["model"].items():
                 own[k].copy_(v)

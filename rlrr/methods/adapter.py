@@ -13,8 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..backbones import family_of
-from .base import Method, freeze, register
+from ..backbones.discover import discover, is_norm
+from .base import Method, freeze, register, replace
 
 
 class ParallelAdapter(nn.Module):
@@ -45,15 +45,36 @@ class AdapterConfig:
     train_head: bool = True
 
 
+def mlp_sites(model: nn.Module) -> list[tuple[str, str]]:
+    """(norm, mlp) name pairs: in each discovered block, its ``mlp`` child and the block's own norm
+    called last before it (timm ``norm2``, HF ``layernorm_after`` / ``norm2`` / ``layer_norm2``)."""
+    found = discover(model)
+    order = {n: i for i, n in enumerate(found.order)}
+    sites = []
+    for b in found.blocks:
+        block = model.get_submodule(b)
+        mlp = getattr(block, "mlp", None)
+        if not isinstance(mlp, nn.Module) or f"{b}.mlp" not in order or \
+                not any(isinstance(m, nn.Linear) for m in mlp.modules()):  # token MLPs only, not ConvMlp
+            continue
+        norms = [f"{b}.{n}" for n, c in block.named_children() if is_norm(c) and order.get(f"{b}.{n}", 1 << 62)
+                 < order[f"{b}.mlp"]]
+        if norms:
+            sites.append((max(norms, key=order.get), f"{b}.mlp"))
+    return sites
+
+
 def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-    fam = family_of(model)
-    if fam.name not in ("vit", "swin"):
-        raise ValueError(f"the parallel MLP adapter is defined for transformer blocks, not {fam.name}")
+    sites = mlp_sites(model)
+    if not sites:
+        raise ValueError(f"the parallel MLP adapter needs transformer blocks with a norm and an 'mlp' child; "
+                         f"{type(model).__name__} has none")
     freeze(model, cfg.train_head)
-    blocks = [b for n, b in model.named_modules() if hasattr(b, "norm2") and hasattr(b, "mlp")]
-    for b in blocks:
-        b.mlp = ParallelAdapter(b.norm2, b.mlp, b.norm2.normalized_shape[0], cfg.bottleneck, cfg.scale)
-        b.norm2 = nn.Identity()
+    for norm_name, mlp_name in sites:
+        norm, mlp = model.get_submodule(norm_name), model.get_submodule(mlp_name)
+        dim = next(m for m in mlp.modules() if isinstance(m, nn.Linear)).in_features
+        replace(model, mlp_name, ParallelAdapter(norm, mlp, dim, cfg.bottleneck, cfg.scale))
+        replace(model, norm_name, nn.Identity())
     return model
 
 

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..backbones.discover import classifier_modules
+
 
 class MergeError(RuntimeError):
     """The method (or this particular model) cannot be folded into plain weights."""
@@ -80,12 +82,6 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 # --- shared helpers for method implementations ----------------------------------------------------
-def classifier_modules(model: nn.Module) -> list[nn.Module]:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    heads = head if isinstance(head, (tuple, list)) else [head]
-    return [h for h in heads if isinstance(h, nn.Module)]
-
-
 def freeze(model: nn.Module, train_head: bool = True) -> None:
     """Freeze everything, then unfreeze the classifier head (the new task's layer)."""
     model.requires_grad_(False)

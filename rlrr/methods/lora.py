@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import family_of, matching
+from ..backbones.discover import ROLES, DiscoveryError, discover, matching
 from .base import Method, freeze, register, replace
 
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -36,6 +36,11 @@ class LoRALinear(nn.Module):
     @property
     def adapter_params(self) -> tuple[str, ...]:
         return tuple(f"lora_{m}.{i}" for m in "AB" for i in range(len(self.slices)))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight, for models that read it for its dtype or device."""
+        return self.base.weight
 
     def delta(self) -> torch.Tensor:
         """The full-size update (α/r)·B A placed in its row slices."""
@@ -64,7 +69,9 @@ class LoRALinear(nn.Module):
 
 @dataclass
 class LoRAConfig:
-    """rank, alpha (scaling α/r), targets: q/k/v slices of a fused qkv and/or proj, fc1, fc2."""
+    """rank, alpha (scaling α/r), targets: roles of the discovered block linears — q, k, v (also as
+    slices of a fused qkv), qkv, proj, fc1, fc2, recognised by leaf name in timm and HF models — or
+    regexes over module names for any other layer."""
     method: ClassVar[str] = "lora"
     rank: int = 8
     alpha: float = 8.0
@@ -73,29 +80,30 @@ class LoRAConfig:
     train_head: bool = True
 
 
+def lora_slices(name: str, module: nn.Linear, wanted: set[str]) -> list[tuple[int, int]]:
+    """Row slices of ``module`` that LoRA adapts for the roles in ``wanted`` (none: not a target)."""
+    role = ROLES.get(name.rsplit(".", 1)[-1])
+    if role == "qkv" and "qkv" not in wanted:
+        d = module.out_features // 3
+        return [(QKV_SLICES[t] * d, (QKV_SLICES[t] + 1) * d) for t in ("q", "k", "v") if t in wanted]
+    return [(0, module.out_features)] if role in wanted else []
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    fam = family_of(model)
-    unknown = set(cfg.targets) - set(QKV_SLICES) - {"qkv", "proj", "fc1", "fc2"}
-    if unknown:
-        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; use q, k, v, qkv, proj, fc1, fc2")
+    if cfg.rank < 1:
+        raise ValueError(f"LoRA rank must be at least 1, not {cfg.rank}")
+    roles = {t for t in cfg.targets if t in set(ROLES.values())}
+    patterns = [t for t in cfg.targets if t not in roles]
+    layers = [(n, model.get_submodule(n)) for n in discover(model).targets] if roles else []
+    chosen = [(n, m, lora_slices(n, m, roles)) for n, m in layers if isinstance(m, nn.Linear)]
+    chosen += [(n, m, [(0, m.out_features)]) for p in patterns for n, m in matching(model, p) if isinstance(m, nn.Linear)]
+    chosen = list({n: (n, m, sl) for n, m, sl in chosen if sl}.values())  # a layer named twice is adapted once
+    if not chosen:
+        raise DiscoveryError(f"LoRA targets {list(cfg.targets)} match no Linear of this {type(model).__name__}; "
+                             "name roles (q, k, v, qkv, proj, fc1, fc2) or regexes with targets=")
     freeze(model, cfg.train_head)
-    found = 0
-    for name, module in matching(model, fam.linear):
-        leaf = name.rsplit(".", 1)[-1]
-        if not isinstance(module, nn.Linear):
-            continue
-        if leaf == "qkv":
-            d = module.out_features // 3
-            slices = [(QKV_SLICES[t] * d, (QKV_SLICES[t] + 1) * d) for t in ("q", "k", "v") if t in cfg.targets]
-            if "qkv" in cfg.targets:
-                slices = [(0, module.out_features)]
-        else:
-            slices = [(0, module.out_features)] if leaf in cfg.targets else []
-        if slices:
-            replace(model, name, LoRALinear(module, slices, cfg.rank, cfg.alpha, cfg.dropout))
-            found += 1
-    if not found:
-        raise ValueError(f"LoRA targets {list(cfg.targets)} match no Linear of this {fam.name} model")
+    for name, module, slices in chosen:
+        replace(model, name, LoRALinear(module, slices, cfg.rank, cfg.alpha, cfg.dropout))
     return model
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import family_of, matching
+from ..backbones.discover import resolve
 from .base import Method, freeze, register, replace
 from .ssf import inject_feature_rescale, merge_feature_rescale
 
@@ -241,18 +241,23 @@ class RescaledConv2d(_Rescaled):
 class RLRRConfig:
     """What RLRR adapts and how it starts.
 
-    targets: regex over module names (anchored); None = the family's block linears
-        (ViT/Swin: attention qkv/proj and MLP fc1/fc2; ConvNeXt: conv_dw, fc1, fc2; ResNet: convs).
-    norm_rescale: SSF scale/shift after each block's norms, the final norm and the patch embedding.
+    targets: regex over module names (anchored); None = the weight layers of the model's repeated
+        blocks, discovered from its structure (``rlrr.backbones.discover``; ViT/Swin: attention
+        qkv/proj and MLP fc1/fc2; ConvNeXt: conv_dw, fc1, fc2; ResNet: convs).
+    norms: regex over module names whose outputs get the SSF rescale; None = discovered (each block's
+        norms, the stem's output and the final norm).
+    norm_rescale: SSF scale/shift after the norms (official code: on).
     init: "official" (kaiming-uniform s_l, s_r: W' ≠ W at step 0, as the paper's code) or
         "identity" (s_l = 0, SSF at 1/0: the model starts exactly at the pretrained function).
     rank: number of rank-1 rescalings summed (1 = the paper).
     qkv: a fused qkv Linear as "split" (q, k, v each with its own s_r, the official ViT) or "fused"
         (one shared s_r, the official Swin); "auto" picks per family.
-    reduction: also rescale Swin's patch-merging reduction (the official Swin code does).
+    reduction: also rescale the weight layers between blocks (Swin patch merging, as the official
+        Swin code; ConvNeXt downsampling convs).
     """
     method: ClassVar[str] = "rlrr"
     targets: str | None = None
+    norms: str | None = None
     norm_rescale: bool = True
     init: str = "official"
     rank: int = 1
@@ -262,27 +267,23 @@ class RLRRConfig:
 
 
 def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> nn.Module:
-    fam = family_of(model)
-    qkv = fam.qkv if cfg.qkv == "auto" else cfg.qkv
-    if qkv not in ("split", "fused"):
+    if cfg.qkv not in ("auto", "split", "fused"):
         raise ValueError(f"qkv must be 'auto', 'split' or 'fused', not {cfg.qkv!r}")
-    pattern = cfg.targets or fam.linear
-    if cfg.reduction and fam.reduction:
-        pattern = f"{pattern}|{fam.reduction}"
+    if cfg.rank < 1:
+        raise ValueError(f"rank must be at least 1, not {cfg.rank}")
+    weights, norms, qkv = resolve(model, cfg.targets, cfg.norms, transitions=cfg.reduction)
+    qkv = qkv if cfg.qkv == "auto" else cfg.qkv
     freeze(model, cfg.train_head)
-    targets = matching(model, pattern)
-    if not targets:
-        raise ValueError(f"no module of {type(model).__name__} matches targets {pattern!r}")
-    for name, module in targets:
+    for name, module in weights:
         if isinstance(module, nn.Linear):
-            groups = 3 if name.endswith("qkv") and qkv == "split" else 1
-            replace(model, name, RescaledLinear(module, groups, cfg.rank, cfg.init))
+            fused = name.rsplit(".", 1)[-1] == "qkv" and module.out_features % 3 == 0
+            replace(model, name, RescaledLinear(module, 3 if fused and qkv == "split" else 1, cfg.rank, cfg.init))
         elif isinstance(module, nn.Conv2d):
             replace(model, name, RescaledConv2d(module, cfg.rank, cfg.init))
         else:
             raise TypeError(f"RLRR target {name} is a {type(module).__name__}; only Linear and Conv2d can be rescaled")
     if cfg.norm_rescale:
-        inject_feature_rescale(model, fam.norms, 0.0 if cfg.init == "identity" else 0.02)
+        inject_feature_rescale(model, norms, 0.0 if cfg.init == "identity" else 0.02)
     return model
 
 

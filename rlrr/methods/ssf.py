@@ -11,56 +11,53 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
 from torch import nn
 
-from ..backbones import family_of, matching
+from ..backbones.discover import is_norm, is_weight_layer, resolve
 from .base import Method, MergeError, freeze, register, replace
 
 
-def out_channels(module: nn.Module) -> int:
-    """Number of output channels of a module whose output SSF rescales."""
-    if hasattr(module, "proj") and hasattr(module, "norm"):  # timm PatchEmbed
-        return module.proj.out_channels
-    for attr in ("out_features", "out_channels", "num_features"):
-        if hasattr(module, attr):
-            return getattr(module, attr)
-    if isinstance(module, nn.LayerNorm):
-        return module.normalized_shape[0]
-    raise TypeError(f"cannot tell the channel count of {type(module).__name__}")
-
-
-def channel_dim(module: nn.Module) -> int:
-    """Channels-first outputs (BatchNorm, LayerNorm2d, conv) scale dim 1; token/NHWC outputs the last."""
-    return 1 if isinstance(module, (nn.modules.batchnorm._BatchNorm, LayerNorm2d, nn.GroupNorm, nn.Conv2d)) else -1
-
-
 class FeatureRescale(nn.Module):
-    """``inner(x) · γ + β`` per channel, with γ ~ N(1, σ), β ~ N(0, σ) (σ = 0 gives the identity)."""
+    """``inner(x) · γ + β`` per channel, with γ ~ N(1, σ), β ~ N(0, σ) (σ = 0 gives the identity).
+
+    After a norm, γ and β fold into its affine at every call (``w·γ``, ``b·γ + β``): the same function,
+    but the norm's own backward yields their gradients from the statistics it keeps anyway, so the
+    rescale stores no activation of its own, and it also sits right where a norm-act layer
+    (timm's ``BatchNormAct2d``) applies its affine, before the activation, so it always merges.
+    After a Linear/Conv2d the output is scaled (cheaper than scaling the weight, whose gradient would
+    cost a GEMM).
+    """
 
     adapter_params = ("scale", "shift")
 
     def __init__(self, inner: nn.Module, std: float = 0.02):
         super().__init__()
+        if not (is_norm(inner) or is_weight_layer(inner)):
+            raise TypeError(f"cannot rescale the output of a {type(inner).__name__}; name norms with an affine "
+                            "weight and bias, or Linear/Conv2d layers")
         self.inner = inner
-        self.dim = channel_dim(inner)
-        c = out_channels(inner)
-        like = next(inner.parameters(), torch.empty(0))
+        self.folds = is_norm(inner)
+        self.dim = 1 if isinstance(inner, nn.Conv2d) else -1
+        like = inner.weight
+        c = like.shape[0]
         self.scale = nn.Parameter(torch.ones(c, dtype=like.dtype, device=like.device))
         self.shift = nn.Parameter(torch.zeros(c, dtype=like.dtype, device=like.device))
         if std > 0:
             nn.init.normal_(self.scale, 1.0, std)
             nn.init.normal_(self.shift, 0.0, std)
-        # After a token LayerNorm, γ, β fold into its affine at every call: the same function, but the
-        # norm's own backward yields their gradients from the statistics it keeps anyway, so the rescale
-        # stores no activation of its own and adds no pass over the tokens.
-        self.folds_into_norm = (isinstance(inner, nn.LayerNorm) and self.dim == -1
-                                and inner.weight is not None and inner.bias is not None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight, for models that read it for its dtype (HF ViT's patch embedding)."""
+        return self.inner.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.folds_into_norm:
+        if self.folds:
             n = self.inner
-            return F.layer_norm(x, n.normalized_shape, n.weight * self.scale, n.bias * self.scale + self.shift, n.eps)
+            w, b = n.weight * self.scale, n.bias * self.scale + self.shift
+            if type(n) is nn.LayerNorm:
+                return F.layer_norm(x, n.normalized_shape, w, b, n.eps)
+            return torch.func.functional_call(n, {"weight": w, "bias": b}, (x,))
         y = self.inner(x)
         shape = [1] * y.ndim
         shape[self.dim] = -1
@@ -74,9 +71,6 @@ class FeatureRescale(nn.Module):
 
 def fold_channel_affine(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
     """Make ``module(x)`` compute ``module(x)·scale + shift`` per output channel, in place."""
-    if hasattr(module, "proj") and hasattr(module, "norm"):  # PatchEmbed: its last affine op
-        target = module.proj if isinstance(module.norm, nn.Identity) else module.norm
-        return fold_channel_affine(target, scale, shift)
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if weight is None or bias is None:
         raise MergeError(f"{type(module).__name__} has no affine weight and bias to fold a scale/shift into")
@@ -85,11 +79,13 @@ def fold_channel_affine(module: nn.Module, scale: torch.Tensor, shift: torch.Ten
     bias.mul_(s).add_(shift.to(bias.dtype))
 
 
-def inject_feature_rescale(model: nn.Module, pattern: str, std: float, need_bias: bool = False) -> None:
-    """Wrap every module matching ``pattern``; with ``need_bias``, skip bias-free layers (ResNet convs),
-    whose output a norm rescales next anyway, so the result stays mergeable."""
-    for name, module in matching(model, pattern):
-        if need_bias and isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is None:
+def inject_feature_rescale(model: nn.Module, modules: list[tuple[str, nn.Module]], std: float,
+                           need_bias: bool = False) -> None:
+    """Wrap every named module; with ``need_bias``, skip bias-free layers (ResNet convs), whose output
+    a norm rescales next anyway, so the result stays mergeable."""
+    for name, _ in modules:
+        module = model.get_submodule(name)  # as it is now, after any replacement by the method
+        if need_bias and is_weight_layer(module) and module.bias is None:
             continue
         replace(model, name, FeatureRescale(module, std))
 
@@ -102,16 +98,20 @@ def merge_feature_rescale(model: nn.Module) -> None:
 
 @dataclass
 class SSFConfig:
-    """SSF after every block linear and norm, the patch embedding and the final norm (paper defaults)."""
+    """SSF after every block linear and norm, the patch embedding and the final norm (paper defaults).
+
+    targets / norms: regexes over module names overriding the discovered block layers / norms."""
     method: ClassVar[str] = "ssf"
     init_std: float = 0.02
+    targets: str | None = None
+    norms: str | None = None
     train_head: bool = True
 
 
 def apply_ssf(model: nn.Module, cfg: SSFConfig) -> nn.Module:
-    fam = family_of(model)
+    weights, norms, _ = resolve(model, cfg.targets, cfg.norms)
     freeze(model, cfg.train_head)
-    inject_feature_rescale(model, f"{fam.linear}|{fam.norms}", cfg.init_std, need_bias=True)
+    inject_feature_rescale(model, weights + norms, cfg.init_std, need_bias=True)
     return model
 
 

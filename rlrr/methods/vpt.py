@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..backbones import family_of
+from timm.models.vision_transformer import VisionTransformer
 from .base import Method, freeze, register, replace
 
 
@@ -42,8 +42,8 @@ class VPTConfig:
 
 
 def apply_vpt(model: nn.Module, cfg: VPTConfig) -> nn.Module:
-    if family_of(model).name != "vit":
-        raise ValueError("VPT-deep is implemented for ViT/DeiT token sequences")
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"VPT-deep is implemented for timm ViT/DeiT token sequences, not {type(model).__name__}")
     freeze(model, cfg.train_head)
     dim, patch = model.embed_dim, model.patch_embed.patch_size
     bound = math.sqrt(6.0 / float(3 * math.prod(patch) + dim))

@@ -1,15 +1,11 @@
-"""Backbones: timm creation, local weight files, and per-family knowledge of where to adapt.
-
-A *family* tells methods which modules are the block linears (attention q/k/v/proj, MLP fc1/fc2),
-which are the norms that SSF-style rescaling follows, and how the fused qkv is treated by default.
-Everything else about a model is timm's business.
+"""Backbones: timm creation and local weight files here; Hugging Face models in ``hf``; where to
+adapt, discovered from structure, in ``discover``.  Everything else about a model is timm's (or
+transformers') business.
 """
 from __future__ import annotations
 
 import os
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -17,59 +13,35 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer, _load_weights
 
+from .hf import PREFIX, create_hf, is_hf, logits_of, reset_hf_classifier
+
 
 class BackboneError(RuntimeError):
     """A backbone or its weights could not be set up; the message says how to fix it."""
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    linear: str  # regex over module names: the layers that get rescaled
-    norms: str  # regex over module names: modules whose output gets SSF scale/shift
-    qkv: str  # default treatment of a fused qkv Linear: "split" (3 groups) or "fused"
-    reduction: str = ""  # optional extra targets (Swin patch merging) selectable by config
-
-
-FAMILIES = {
-    "vit": Family("vit", r"blocks\.\d+\.(attn\.(qkv|q|k|v|proj)|mlp\.fc[12])",
-                  r"blocks\.\d+\.norm[12]|patch_embed|norm|fc_norm", qkv="split"),
-    "swin": Family("swin", r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",
-                   r"layers\.\d+\.blocks\.\d+\.norm[12]|patch_embed|norm", qkv="fused",
-                   reduction=r"layers\.\d+\.downsample\.reduction"),
-    "convnext": Family("convnext", r"stages\.\d+\.blocks\.\d+\.(conv_dw|mlp\.fc[12])",
-                       r"stages\.\d+\.blocks\.\d+\.norm|stem\.1|head\.norm", qkv="fused"),
-    "resnet": Family("resnet", r"layer\d\.\d+\.(conv\d|downsample\.0)", r"layer\d\.\d+\.bn\d|bn1", qkv="fused"),
-}
-
-
-def family_of(model: torch.nn.Module) -> Family:
-    """The family of a timm model, by class, so that any ViT/DeiT/Swin/ConvNeXt/ResNet variant works."""
-    from timm.models.convnext import ConvNeXt
-    from timm.models.resnet import ResNet
-    from timm.models.swin_transformer import SwinTransformer
-    for cls, key in ((VisionTransformer, "vit"), (SwinTransformer, "swin"), (ConvNeXt, "convnext"), (ResNet, "resnet")):
-        if isinstance(model, cls):
-            return FAMILIES[key]
-    raise BackboneError(f"{type(model).__name__} is not a supported family; use a timm ViT/DeiT, Swin, ConvNeXt or ResNet")
-
-
-def matching(model: torch.nn.Module, pattern: str) -> list[tuple[str, torch.nn.Module]]:
-    """Modules whose full name matches ``pattern`` (anchored), skipping Identity placeholders."""
-    rx = re.compile(rf"(?:{pattern})")
-    return [(n, m) for n, m in model.named_modules()
-            if n and rx.fullmatch(n) and not isinstance(m, torch.nn.Identity)]
-
-
 def architecture(model: torch.nn.Module) -> str:
-    """The timm architecture name a model was created from (stored in adapter metadata)."""
+    """The name a model was created from (stored in adapter metadata): timm's architecture, or
+    ``hf:<hub id or folder>`` for a transformers model."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
+    if cfg.get("architecture"):
+        return cfg["architecture"]
+    if is_hf(model):
+        return PREFIX + model.config._name_or_path
+    return type(model).__name__
+
+
+def set_num_classes(model: torch.nn.Module, num_classes: int) -> None:
+    """Give the model a fresh classifier for ``num_classes`` (timm ``reset_classifier`` or the HF head)."""
+    if is_hf(model):
+        reset_hf_classifier(model, num_classes)
+    else:
+        model.reset_classifier(num_classes)
 
 
 # --- the embedded offline backbone -------------------------------------------------------------
 EMBEDDED_NAME = "vit_pico_patch4_32"
-EMBEDDED_WEIGHTS = Path(__file__).parent / "weights" / f"{EMBEDDED_NAME}.fractal.safetensors"
+EMBEDDED_WEIGHTS = Path(__file__).parent.parent / "weights" / f"{EMBEDDED_NAME}.fractal.safetensors"
 
 
 @register_model
@@ -106,7 +78,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_num_classes(name: str, tensors: dict[str, torch.Tensor]) -> int | None:
     """Class count of the classifier stored in ``tensors`` (an adapter or a merged checkpoint) for
-    timm model ``name``, found under the classifier name timm records for it; None without a head."""
+    model ``name``, found under the classifier name timm records for it (HF: ``classifier``); None without a head."""
+    if name.startswith(PREFIX):
+        head = tensors.get("classifier.weight", tensors.get("cls_classifier.weight"))
+        return None if head is None else head.shape[0]
     cfg = timm.models.get_pretrained_cfg(name)
     cls_name = getattr(cfg, "classifier", None) or "head"
     head = tensors.get(f"{cls_name}.weight", tensors.get("head.weight", tensors.get("fc.weight")))
@@ -155,12 +130,14 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 def create_backbone(name: str, weights: str | Path | None = "pretrained", num_classes: int | None = None,
                     **kwargs) -> torch.nn.Module:
-    """Create a timm model and load weights.
+    """Create a timm model (or, for ``hf:<hub id or folder>``, a transformers one) and load weights.
 
     ``weights``: a local file (.safetensors / .pth / .bin / Google .npz); ``"pretrained"`` for timm's
     own mechanism (Hugging Face cache or download); ``None`` / ``"none"`` for random init (tests only).
     The embedded backbone's ``"pretrained"`` is the fractal checkpoint shipped with the package.
     """
+    if name.startswith(PREFIX):
+        return create_hf(name[len(PREFIX):], weights, num_classes, **kwargs)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if str(weights).lower() == "pretrained" and name == EMBEDDED_NAME:
@@ -170,12 +147,20 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
             model = timm.create_model(name, pretrained=False, **kwargs)
             if weights is not None and str(weights).lower() != "none":
                 load_weights(model, weights)
-            return model
-        return _create_pretrained(name, **kwargs)
+        else:
+            model = _create_pretrained(name, **kwargs)
     except RuntimeError as e:
         if isinstance(e, BackboneError):
             raise
         raise BackboneError(f"cannot create {name!r}: {e}".splitlines()[0]) from None
+    if "img_size" in kwargs:  # the data transforms follow the model actually built, not its pretrained size
+        c, *_ = model.pretrained_cfg.get("input_size", (3,))
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (c, *_pair(kwargs["img_size"]))}
+    return model
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def _create_pretrained(name: str, **kwargs) -> torch.nn.Module:

@@ -1,0 +1,62 @@
+"""What structure discovery finds in real-size architectures: the README's reach table.
+
+Builds each model at its named size with random weights (timm's own configs; nothing downloaded),
+runs ``rlrr.backbones.discover`` and applies RLRR, and prints one markdown row per model: blocks,
+targets (leaf names), norms, RLRR parameters without the head.  The tiny members of the same
+families are what tests/test_reach.py and tests/test_hf.py train, merge and round-trip.
+
+    python benchmarks/reach.py > /tmp/reach.md
+"""
+from __future__ import annotations
+
+import collections
+import sys
+
+import timm
+import torch
+
+import rlrr
+from rlrr.backbones.discover import discover
+
+TIMM = ["vit_base_patch16_224", "deit_base_distilled_patch16_224", "eva02_base_patch14_224", "beit_base_patch16_224",
+        "cait_s24_224", "xcit_small_12_p16_224", "convit_base", "pit_b_224", "swin_base_patch4_window7_224",
+        "hiera_base_224", "maxvit_rmlp_tiny_rw_256", "coatnet_0_rw_224", "fastvit_sa12", "convnext_base", "resnet50",
+        "regnetx_032", "efficientnet_b0", "mobilenetv3_large_100", "levit_256"]
+
+
+def hf_models() -> dict[str, torch.nn.Module]:
+    """The HF classes at their configs' default (base) sizes; CLIP as ViT-B/16's vision tower."""
+    import transformers as T
+    return {"hf ViT (ViT-B/16)": T.ViTForImageClassification(T.ViTConfig()),
+            "hf DeiT (base)": T.DeiTForImageClassification(T.DeiTConfig()),
+            "hf DINOv2 (base)": T.Dinov2ForImageClassification(T.Dinov2Config()),
+            "hf Swin (tiny)": T.SwinForImageClassification(T.SwinConfig()),
+            "hf ConvNeXt (tiny)": T.ConvNextForImageClassification(T.ConvNextConfig()),
+            "hf CLIP vision (ViT-B/16)": T.CLIPForImageClassification(T.CLIPConfig(vision_config={"patch_size": 16}))}
+
+
+def leaf_counts(names: tuple[str, ...], limit: int = 6) -> str:
+    c = collections.Counter(n.rsplit(".", 1)[-1] for n in names)
+    parts = [f"{k}×{v}" for k, v in c.most_common(limit)]
+    return ", ".join(parts) + (f", +{len(c) - limit} more" if len(c) > limit else "")
+
+
+def row(name: str, model: torch.nn.Module) -> str:
+    found = discover(model)
+    params = rlrr.summary(rlrr.apply(model, rlrr.RLRRConfig()))["method_params"]
+    return (f"| {name} | {type(model).__name__} | {len(found.blocks)} | {len(found.targets)}: {leaf_counts(found.targets)} "
+            f"| {len(found.norms)} | {params:,} |")
+
+
+def main() -> None:
+    torch.set_grad_enabled(True)
+    print("| model (named size) | class | blocks | targets (leaf names) | norms rescaled | RLRR params |")
+    print("|---|---|---|---|---|---|")
+    for name in TIMM:
+        print(row(name, timm.create_model(name, pretrained=False).eval()), flush=True)
+    for name, model in hf_models().items():
+        print(row(name, model.eval()), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

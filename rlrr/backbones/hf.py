@@ -1,0 +1,127 @@
+"""Hugging Face ``transformers`` image classifiers as backbones: ``create_backbone("hf:<hub id or folder>")``.
+
+The model stays a plain ``transformers`` model (so ``merge`` hands back something ``save_pretrained``
+can write, and ``transformers.Trainer`` can train it); what the rest of the library needs is attached
+beside it: ``pretrained_cfg`` (timm-style input size, mean, std, interpolation, crop from the
+checkpoint's image-processor config) for the data transforms.  Calling the model on a batch returns
+an output object; ``logits_of`` takes the logits from it (timm models return the tensor itself).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PREFIX = "hf:"
+RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes in HF processor configs
+
+
+def is_hf(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.")
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """Logits from a model call: the tensor itself (timm) or the ``.logits`` of an HF output."""
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+class LogitsOnly(nn.Module):
+    """``model`` with a tensor out, whatever it returns (for ONNX export of HF models)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(x))
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        from . import BackboneError
+        raise BackboneError("hf: models need transformers; pip install 'rlrr[hf]'") from None
+    return transformers
+
+
+def data_cfg(source: str, config) -> dict:
+    """timm-style data config from the checkpoint's image processor (fallback: config.image_size, 0.5/0.5)."""
+    t = _transformers()
+    try:
+        proc = t.AutoImageProcessor.from_pretrained(source)
+    except Exception:  # noqa: BLE001 - no processor saved (e.g. a random test model): use the model config
+        proc = None
+    vision = getattr(config, "vision_config", None) or config
+    side = getattr(vision, "image_size", 224)
+    size = getattr(proc, "crop_size", None) or getattr(proc, "size", None) or {}
+    h = size.get("height") or size.get("shortest_edge") or side
+    w = size.get("width") or size.get("shortest_edge") or side
+    resize = (getattr(proc, "size", None) or {}).get("shortest_edge")
+    crop_pct = getattr(proc, "crop_pct", None) or (min(h, w) / resize if resize and getattr(proc, "do_center_crop", False)
+                                                  else 1.0)
+    return {"input_size": (getattr(vision, "num_channels", 3), h, w),
+            "mean": tuple(getattr(proc, "image_mean", None) or (0.5, 0.5, 0.5)),
+            "std": tuple(getattr(proc, "image_std", None) or (0.5, 0.5, 0.5)),
+            "interpolation": RESAMPLE.get(int(getattr(proc, "resample", 3) or 3), "bicubic"),
+            "crop_pct": crop_pct, "architecture": PREFIX + source}
+
+
+def create_hf(source: str, weights: str | Path | None, num_classes: int | None, **kwargs) -> nn.Module:
+    """An ``AutoModelForImageClassification`` from a local folder or the HF cache.
+
+    ``weights``: "pretrained" (the folder's / cache's weights), None / "none" (random, from the config).
+    A classifier of another size is re-initialised: that is the fine-tuning case.
+    """
+    from . import BackboneError
+    t = _transformers()
+    if weights is not None and str(weights).lower() not in ("none", "pretrained"):
+        raise BackboneError(f"hf: models load their own weights from the folder or hub id; drop --weights {weights}")
+    if kwargs.pop("img_size", None):
+        raise BackboneError("--img-size is not supported for hf: models; they run at their config's image_size")
+    drop_path = kwargs.pop("drop_path_rate", None)
+    if kwargs:
+        raise BackboneError(f"hf: models take no option(s) {sorted(kwargs)}")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    labels = {"num_labels": num_classes} if num_classes else {}
+    try:
+        config = _local_first(t.AutoConfig.from_pretrained, source, **labels)
+        if drop_path and hasattr(config, "drop_path_rate"):
+            config.drop_path_rate = drop_path
+        if weights is None or str(weights).lower() == "none":
+            model = t.AutoModelForImageClassification.from_config(config)
+        else:
+            model = _local_first(t.AutoModelForImageClassification.from_pretrained, source, config=config,
+                                 ignore_mismatched_sizes=True)
+    except (OSError, ValueError, KeyError) as e:
+        where = "folder" if Path(source).exists() else "hub id"
+        raise BackboneError(
+            f"cannot load hf:{source} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); for a {where}: "
+            f"on a machine with network run `hf download {source} --local-dir DIR` and pass --model hf:DIR, "
+            "or fill the Hugging Face cache ($HF_HOME)") from None
+    model.pretrained_cfg = data_cfg(source, config)
+    return model
+
+
+def _local_first(load, source: str, **kwargs):
+    """A folder or cached copy without touching the network; the Hub only when neither exists."""
+    try:
+        return load(source, local_files_only=True, **kwargs)
+    except OSError:
+        if Path(source).exists():
+            raise
+        return load(source, **kwargs)
+
+
+def reset_hf_classifier(model: nn.Module, num_classes: int) -> None:
+    """A fresh classifier for ``num_classes`` labels (every head the model has), config updated to match."""
+    for name in ("classifier", "cls_classifier", "distillation_classifier"):
+        old = getattr(model, name, None)
+        if isinstance(old, nn.Linear):
+            setattr(model, name, nn.Linear(old.in_features, num_classes, device=old.weight.device,
+                                           dtype=old.weight.dtype))
+    model.config.num_labels = num_classes

@@ -1,0 +1,129 @@
+"""Proof of reach on Hugging Face transformers: tiny random checkpoints saved to a folder and loaded
+back through ``create_backbone("hf:<folder>")`` (the real ``from_pretrained`` path; no downloads)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")  # the [hf] extra; .[test] installs it
+
+import rlrr  # noqa: E402
+from rlrr.backbones.discover import discover  # noqa: E402
+
+T = transformers
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+             patch_size=8)
+MODELS = {
+    "vit": lambda: T.ViTForImageClassification(T.ViTConfig(**SMALL, num_labels=3)),
+    "deit": lambda: T.DeiTForImageClassification(T.DeiTConfig(**SMALL, num_labels=3)),
+    "dinov2": lambda: T.Dinov2ForImageClassification(T.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32, patch_size=8,
+        num_labels=3)),
+    "swin": lambda: T.SwinForImageClassification(T.SwinConfig(
+        embed_dim=16, depths=[1, 1], num_heads=[1, 2], image_size=32, patch_size=4, window_size=4, num_labels=3)),
+    "convnext": lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
+        hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32, num_labels=3)),
+    "clip": lambda: T.CLIPForImageClassification(T.CLIPConfig(
+        vision_config=dict(SMALL), text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=64), num_labels=3)),
+}
+# methods beyond rlrr/ssf/bitfit/lora that apply (convnets have no q/v and no token MLP)
+EXTRA = {"vit": {"adapter"}, "deit": {"adapter"}, "dinov2": {"adapter"}, "swin": {"adapter"}, "clip": {"adapter"},
+         "convnext": set()}
+
+
+def checkpoint(kind: str, folder) -> str:
+    """Save a tiny random model plus an image-processor config the way a Hub checkpoint folder looks."""
+    torch.manual_seed(0)
+    MODELS[kind]().save_pretrained(folder)
+    T.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
+                        image_std=[0.2, 0.25, 0.3]).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+def batch() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def step(model, x) -> None:
+    opt = torch.optim.Adam([p for _, p in rlrr.trainable_parameters(model)], lr=1e-2)
+    model.train()
+    torch.nn.functional.cross_entropy(model(x).logits, torch.tensor([0, 2])).backward()
+    opt.step()
+    model.eval()
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_rlrr_on_hf_trains_merges_to_plain_transformers_and_reloads(kind, tmp_path):
+    name = checkpoint(kind, tmp_path / "ckpt")
+    model = rlrr.create_backbone(name).eval()
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32) and model.pretrained_cfg["mean"] == (0.4, 0.5, 0.6)
+    x = batch()
+    cls, keys = type(model), list(model.state_dict())
+    types = {n: type(m) for n, m in model.named_modules()}
+    model = rlrr.apply(model, rlrr.RLRRConfig())
+    step(model, x)
+    with torch.no_grad():
+        ref = model(x).logits
+    path = rlrr.save_adapter(model, tmp_path / "a.safetensors")
+    again = rlrr.load_adapter(rlrr.create_backbone(name), path).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(x).logits, ref, atol=1e-6)
+        merged = rlrr.merge(model)
+        assert type(merged) is cls and rel(merged(x).logits, ref) <= 1e-5
+    assert list(merged.state_dict()) == keys and {n: type(m) for n, m in merged.named_modules()} == types
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = T.AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert rel(reloaded(x).logits, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_every_harness_method_on_hf(kind, tmp_path):
+    name = checkpoint(kind, tmp_path / "ckpt")
+    x = batch()
+    for method in ("ssf", "bitfit", "lora", "adapter", "vpt"):
+        model = rlrr.create_backbone(name).eval()
+        if method == "vpt" or (method not in EXTRA[kind] | {"ssf", "bitfit", "lora"}) or \
+                (method == "lora" and kind == "convnext"):
+            with pytest.raises(ValueError):
+                rlrr.apply(model, rlrr.make_config(method))
+            continue
+        model = rlrr.apply(model, rlrr.make_config(method))
+        step(model, x)
+        if method != "adapter":
+            with torch.no_grad():
+                ref = model(x).logits
+                assert rel(rlrr.merge(model)(x).logits, ref) <= 1e-5
+
+
+def test_hf_vit_base_discovers_the_paper_layers_and_count():
+    """HF's ViT-B/16 layout (separate q/k/v, layernorm_before/after) gets exactly timm ViT-B's 288,768."""
+    model = T.ViTForImageClassification(T.ViTConfig(num_labels=100))
+    found = discover(model)
+    assert [n.rsplit(".", 1)[-1] for n in found.targets[:6]] == ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+    assert found.norms[0] == "vit.embeddings.patch_embeddings.projection" and found.norms[-1] == "vit.layernorm"
+    assert rlrr.summary(rlrr.apply(model, rlrr.RLRRConfig()))["method_params"] == 288_768
+
+
+def test_plain_transformers_trainer_trains_an_rlrr_model(tmp_path):
+    """rlrr.apply on a transformers model, then an unmodified transformers.Trainer."""
+    torch.manual_seed(0)
+    model = rlrr.apply(MODELS["vit"](), rlrr.RLRRConfig())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in rlrr.trainable_parameters(model)}
+    data = [{"pixel_values": torch.randn(3, 32, 32), "labels": i % 3} for i in range(8)]
+    args = T.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2,
+                               learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
+    T.Trainer(model=model, args=args, train_dataset=data).train()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    moved = [n for n, p in rlrr.trainable_parameters(model) if not torch.equal(p, before[n])]
+    assert any(".scale_l" in n for n in moved) and "classifier.weight" in moved
+
+
+def test_missing_hf_checkpoint_is_one_line_with_the_download_advice(tmp_path):
+    with pytest.raises(rlrr.BackboneError, match="--model hf:DIR") as e:
+        rlrr.create_backbone(f"hf:{tmp_path / 'nowhere'}")
+    assert "\n" not in str(e.value)
