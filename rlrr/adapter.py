@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from .backbones import architecture
+from .backbones import architecture, fingerprint
+from .files import atomic_write
 from .methods.base import apply, make_config, trainable_parameters
 
 FORMAT = "rlrr-adapter/1"
@@ -44,6 +44,7 @@ def adapter_metadata(model: torch.nn.Module) -> dict[str, str]:
     return {"format": FORMAT, "method": getattr(model, "peft_method", None) or "none",
             "config": json.dumps(dataclasses.asdict(cfg) if cfg is not None else {}),
             "backbone": architecture(model), "library_version": __version__,
+            "backbone_fingerprint": getattr(model, "backbone_fingerprint", None) or fingerprint(model),
             "shapes": json.dumps({n: list(p.shape) for n, p in trainable_parameters(model)})}
 
 
@@ -51,12 +52,8 @@ def save_adapter(model: torch.nn.Module, path: str | Path, extra: dict[str, str]
     """Write the trainable tensors and metadata; atomic (temp file + rename) so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(adapter_state(model), str(tmp), metadata={**adapter_metadata(model), **(extra or {})})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
+    data = save(adapter_state(model), metadata={**adapter_metadata(model), **(extra or {})})
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -75,9 +72,15 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, meta
 
 
-def load_adapter(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Load an adapter; applies its method first if the model is a plain backbone. Returns the model."""
+def load_adapter(model: torch.nn.Module, path: str | Path, check_fingerprint: bool = True) -> torch.nn.Module:
+    """Load an adapter; applies its method first if the model is a plain backbone. Returns the model.
+
+    ``check_fingerprint``: refuse backbone weights other than those the adapter was trained on.
+    """
     tensors, meta = read_adapter(path)
+    saved = meta.get("backbone_fingerprint")
+    if check_fingerprint and saved:  # of the plain model, before the method changes its modules
+        model.backbone_fingerprint = getattr(model, "backbone_fingerprint", None) or fingerprint(model)
     if getattr(model, "peft_method", None) is None and meta["method"] != "none":
         model = apply(model, make_config(meta["method"], **json.loads(meta["config"])))
     elif getattr(model, "peft_method", None) not in (None, meta["method"]):
@@ -99,6 +102,11 @@ def load_adapter(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     missing = [n for n, _ in trainable_parameters(model) if n not in tensors]
     if missing:
         raise AdapterMismatchError(f"{path} does not fit: it lacks '{missing[0]}' that this model trains{hint}")
+    if check_fingerprint and saved and saved != model.backbone_fingerprint:
+        raise AdapterMismatchError(
+            f"{path} was trained on backbone weights {saved} but this model's are {model.backbone_fingerprint}; "
+            "load the weights it was trained on, or pass --ignore-fingerprint (API: check_fingerprint=False) "
+            "to use it anyway")
     with torch.no_grad():
         for name, t in tensors.items():
             own[name].copy_(t)

@@ -61,13 +61,13 @@ def adapted_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def analyze(model_name: str, weights: str | None, adapters: list[str | Path], k: int = 8,
-            progress: bool = True) -> dict:
+            progress: bool = True, check_fingerprint: bool = True) -> dict:
     results = {"model": model_name, "topk": k, "methods": {}}
     for path in adapters:
         tensors, meta = read_adapter(path)
         model = create_backbone(model_name, weights=weights, num_classes=checkpoint_num_classes(model_name, tensors))
         before = adapted_matrices(model)
-        model = load_adapter(model, path)
+        model = load_adapter(model, path, check_fingerprint)
         try:
             after = adapted_matrices(merge(model))
         except MergeError as e:
@@ -107,9 +107,10 @@ def plot(results: dict, out: Path) -> list[Path]:
     return [png]
 
 
-def run_analysis(model_name: str, weights: str | None, adapters: list[str], out: Path, k: int = 8) -> dict:
+def run_analysis(model_name: str, weights: str | None, adapters: list[str], out: Path, k: int = 8,
+                 check_fingerprint: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    res = analyze(model_name, weights, adapters, k)
+    res = analyze(model_name, weights, adapters, k, check_fingerprint=check_fingerprint)
     (out / "svd_analysis.json").write_text(json.dumps(res, indent=1))
     plot(res, out)
     for path, r in res["methods"].items():

@@ -53,8 +53,31 @@ def adapted_model(args):
         tensors = {}
     model = backbone(args, checkpoint_num_classes(args.model, tensors))
     if args.adapter:
-        model = load_adapter(model, args.adapter)
+        model = load_adapter(model, args.adapter, check_fingerprint=not args.ignore_fingerprint)
     return model.eval()
+
+
+def output_file(path: str) -> Path:
+    """An output file path: refused when it is a folder or its folder does not exist."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--output {out} is a folder; name a file, e.g. {out / 'out'}{out.suffix or ''}")
+    if not out.parent.is_dir():
+        raise ValueError(f"--output {out}: folder {out.parent} does not exist; create it or pick another path")
+    return out
+
+
+def at_least(low: float, kind=int):
+    """argparse type: a number not below ``low`` (so --batch-size 0 is refused where it enters)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not v >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        return v
+    return parse
 
 
 def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
@@ -62,9 +85,11 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
                    help="timm architecture name, or hf:<hub id or local folder> (pip install 'rlrr[hf]')")
     p.add_argument("--weights", default="pretrained",
                    help="local .safetensors/.pth/.npz, 'pretrained' (timm/HF cache) or 'none' (random, tests only)")
-    p.add_argument("--img-size", type=int, default=None, help="override the input resolution")
+    p.add_argument("--img-size", type=at_least(1), default=None, help="override the input resolution")
     if adapter:
         p.add_argument("--adapter", default=None, help="adapter .safetensors written by rlrr train")
+        p.add_argument("--ignore-fingerprint", action="store_true",
+                       help="load the adapter even onto backbone weights other than those it was trained on")
 
 
 # --- subcommands --------------------------------------------------------------------------------
@@ -74,7 +99,8 @@ def cmd_train(args) -> dict:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     result = run_experiment(args.model, None if args.weights == "none" else args.weights, args.data, args.output,
                             args.method, method_options(args.method_opt), args.config, args.resume, args.num_classes,
-                            args.drop_path, args.img_size, args.aug, args.skip_bad_images, **overrides)
+                            args.drop_path, args.img_size, args.aug, args.skip_bad_images, overwrite=args.overwrite,
+                            **overrides)
     print(f"{result['method']} on {result['dataset']} [{result['protocol']}]: test top-1 {result['test_acc']:.2f}% "
           f"(selected epoch {result['selected_epoch']}) -> {args.output}/summary.json")
     return result
@@ -99,6 +125,8 @@ def cmd_predict(args) -> None:
     from .backbones import logits_of
     from .data.images import open_rgb
     from .data.transforms import eval_transform
+    from .files import atomic_write
+    out = output_file(args.output)
     model = adapted_model(args)
     tf = eval_transform(data_config(model), "none")
     root = Path(args.images)
@@ -107,35 +135,38 @@ def cmd_predict(args) -> None:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"no images under {root}")
-    with open(args.output, "w", newline="") as f, torch.no_grad():
-        w = csv.writer(f)
-        w.writerow(["path"] + [c for k in range(args.topk) for c in (f"class_{k + 1}", f"prob_{k + 1}")])
+    rows = [["path"] + [c for k in range(args.topk) for c in (f"class_{k + 1}", f"prob_{k + 1}")]]
+    with torch.no_grad():
         for i in range(0, len(files), args.batch_size):
             chunk = files[i:i + args.batch_size]
             probs = logits_of(model(torch.stack([tf(open_rgb(p)) for p in chunk]))).softmax(-1)
             top = probs.topk(min(args.topk, probs.shape[-1]), dim=-1)
             for p, v, k in zip(chunk, top.values, top.indices):
-                w.writerow([str(p.relative_to(root))] + [x for kk, vv in zip(k, v) for x in (int(kk), f"{vv:.4f}")])
+                rows.append([str(p.relative_to(root))] + [x for kk, vv in zip(k, v) for x in (int(kk), f"{vv:.4f}")])
+    atomic_write(out, lambda f: csv.writer(f).writerows(rows), "w")  # a failed run leaves an old CSV intact
     print(f"wrote {len(files)} predictions to {args.output}")
 
 
 def cmd_merge(args) -> Path:
     from .backbones import is_hf
     from .methods.base import merge
+    hf = args.model.startswith("hf:")
+    out = Path(args.output) if hf else output_file(args.output)  # HF: a folder for save_pretrained
     merged = merge(adapted_model(args))
-    out = Path(args.output)
-    if is_hf(merged):  # a plain transformers folder: from_pretrained loads it
+    if hf:  # a plain transformers folder: from_pretrained loads it
         merged.save_pretrained(out)
         _copy_image_processor(args.model, out)
         print(f"merged {args.model} + {args.adapter} -> {out}/ (plain transformers, from_pretrained-loadable)")
         return out
     import timm
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+    from .files import atomic_write
     fresh = timm.create_model(args.model, pretrained=False, num_classes=merged.num_classes,
                               **({"img_size": args.img_size} if args.img_size else {}))
     fresh.load_state_dict(merged.state_dict(), strict=True)  # proves it is the untouched architecture
-    save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(out),
-              metadata={"architecture": args.model, "num_classes": str(merged.num_classes)})
+    data = save({k: v.contiguous() for k, v in merged.state_dict().items()},
+                metadata={"architecture": args.model, "num_classes": str(merged.num_classes)})
+    atomic_write(out, lambda f: f.write(data))
     print(f"merged {args.model} + {args.adapter} -> {out} (plain timm weights, strict-loadable)")
     return out
 
@@ -153,11 +184,11 @@ def cmd_export(args) -> Path:
     import torch
     from .backbones.hf import LogitsOnly
     from .methods.base import merge
+    out = output_file(args.output)
     model = adapted_model(args)
     if getattr(model, "peft_method", None):
         model = merge(model)
     size = data_config(model)["input_size"]
-    out = Path(args.output)
     try:
         torch.onnx.export(LogitsOnly(model), (torch.randn(1, *size),), str(out), input_names=["image"],
                           output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
@@ -172,6 +203,8 @@ def cmd_export(args) -> Path:
 
 def cmd_info(args) -> dict:
     from .methods.base import apply, make_config, summary, trainable_parameters
+    if args.adapter:
+        return adapter_info(args.adapter)
     model = apply(backbone(args, args.num_classes), make_config(args.method, **method_options(args.method_opt)))
     s = summary(model)
     groups: dict[str, int] = {}
@@ -185,6 +218,17 @@ def cmd_info(args) -> dict:
         print(f"{key:<24}{s[key]:>14,}")
     print(f"{'% of backbone':<24}{s['trainable_pct_of_backbone']:>14.4f}")
     return s
+
+
+def adapter_info(path: str) -> dict:
+    """What an adapter file says about itself: method, config, backbone and its fingerprint, tensors."""
+    from .adapter import read_adapter
+    tensors, meta = read_adapter(path)
+    info = {**{k: v for k, v in meta.items() if k not in ("shapes", "config")}, "config": json.loads(meta["config"]),
+            "tensors": len(tensors), "values": sum(t.numel() for t in tensors.values())}
+    for key, value in info.items():
+        print(f"{key:<22}{value if not isinstance(value, int) else f'{value:,}'}")
+    return info
 
 
 def cmd_demo(args) -> dict:
@@ -209,12 +253,19 @@ def cmd_bench(args) -> list:
 def cmd_analyze(args) -> dict:
     from .analysis import run_analysis
     return run_analysis(args.model, None if args.weights == "none" else args.weights, args.adapter,
-                        Path(args.output), args.topk)
+                        Path(args.output), args.topk, check_fingerprint=not args.ignore_fingerprint)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line, like every other rlrr error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .engine.trainer import PROTOCOLS
-    ap = argparse.ArgumentParser(prog="rlrr", description=__doc__)
+    ap = Parser(prog="rlrr", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("train", help="fine-tune a backbone with a method on a dataset")
@@ -224,11 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method config option (repeatable)")
     p.add_argument("--config", help="task YAML (default: configs/<kind>/<task>.yaml when it exists)")
     p.add_argument("--output", required=True)
-    p.add_argument("--num-classes", type=int)
+    p.add_argument("--num-classes", type=at_least(1))
     p.add_argument("--drop-path", type=float)
     p.add_argument("--aug", choices=["none", "flip", "fgvc"])
     p.add_argument("--skip-bad-images", action="store_true", help="drop unreadable images (counted) instead of failing")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt (same settings)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in OUTPUT")
     p.add_argument("--protocol", choices=PROTOCOLS, help="retrain (default), val, or test (= --select-on-test)")
     p.add_argument("--select-on-test", dest="protocol", action="store_const", const="test",
                    help="official practice: keep the best test epoch (optimistic; labelled in results)")
@@ -247,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test", choices=["train", "val", "trainval", "test"])
     p.add_argument("--aug", choices=["none", "flip", "fgvc"])
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=at_least(1), default=128)
     p.add_argument("--skip-bad-images", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -255,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--images", required=True)
     p.add_argument("--output", default="predictions.csv")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--topk", type=at_least(1), default=5)
+    p.add_argument("--batch-size", type=at_least(1), default=64)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("merge", help="backbone + adapter -> plain timm safetensors")
@@ -269,11 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("info", help="trainable-parameter table of a model + method")
+    p = sub.add_parser("info", help="trainable-parameter table of a model + method, or what an adapter file says")
     add_model_args(p, adapter=False)
+    p.add_argument("--adapter", default=None, help="print this adapter's metadata (method, backbone, fingerprint)")
     p.add_argument("--method", default="rlrr")
     p.add_argument("--method-opt", action="append", metavar="KEY=VALUE")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=at_least(1), default=None)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="offline RLRR vs linear probe on the embedded backbone (minutes on a CPU)")
@@ -304,14 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="SVD view of how adapters change the pretrained weights")
     add_model_args(p, adapter=False)
     p.add_argument("--adapter", action="append", required=True, help="adapter file (repeat to compare methods)")
-    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--topk", type=at_least(1), default=8)
+    p.add_argument("--ignore-fingerprint", action="store_true", help="accept adapters trained on other weights")
     p.add_argument("--output", default="runs/analysis")
     p.set_defaults(func=cmd_analyze)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument already said in one line
+        return int(e.code or 0)
     from .adapter import AdapterMismatchError
     from .backbones import BackboneError
     from .data.images import DataError
@@ -320,13 +377,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (DataError, BackboneError, AdapterMismatchError, TrainingStopped, MergeError, FileNotFoundError,
-            ValueError, TypeError, KeyError, RuntimeError) as e:
+            ValueError, TypeError, KeyError, RuntimeError, OSError) as e:
         if os.environ.get("RLRR_DEBUG"):
             raise
-        msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug of ours, said in one line with where to see more
+        if os.environ.get("RLRR_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__} in rlrr {args.cmd}: {one_line(e)} "
+              "(RLRR_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip("'\"")
+    return text.splitlines()[0] if text.strip() else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -20,7 +20,17 @@ def task_config(data: str, config: str | Path | None = None) -> dict:
         path = CONFIG_DIR / kind / f"{Path(where).name}.yaml"
         if not path.is_file():
             return {}
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ValueError(f"config {path} is not valid YAML{where} ({getattr(e, 'problem', None) or e}); "
+                         "fix the file") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {path} must be a YAML mapping (train:, num_classes:, ...), not a "
+                         f"{type(cfg).__name__}")
+    return cfg
 
 
 def method_lr(task: dict, method: str) -> float | None:

@@ -33,7 +33,7 @@ def run_demo(out: Path, quick: bool = False, task: str = "mnist") -> dict:
     for method in METHODS:
         t0 = time.time()
         res = run_experiment(EMBEDDED_NAME, "pretrained", f"offline:{task}", out / method, method, protocol="val",
-                             progress=not quick, verbose=False, **short)
+                             progress=not quick, verbose=False, overwrite=True, **short)  # a demo reruns
         rows.append({"method": method, "trainable_params": res["trainable_params"],
                      "method_params": res["method_params"], "val_acc": res["val_acc"], "test_acc": res["test_acc"],
                      "wall_s": round(time.time() - t0, 1), "lr": res["config"]["lr"], "epochs": res["config"]["epochs"]})

@@ -5,6 +5,7 @@ Shared by ``rlrr train``, ``rlrr demo`` and ``rlrr bench`` so the three cannot d
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from timm.data import resolve_data_config
 
-from .backbones import create_backbone, set_num_classes
+from .backbones import check_input_size, create_backbone, fingerprint, set_num_classes
 from .config import method_lr, task_config
 from .data import build_data
 from .engine.trainer import TrainConfig, Trainer
@@ -23,11 +24,12 @@ def run_experiment(model: str, weights: str | None, data: str, output: str | Pat
                    method_opts: dict[str, Any] | None = None, config: str | None = None, resume: bool = False,
                    num_classes: int | None = None, drop_path: float | None = None, img_size: int | None = None,
                    aug: str | None = None, skip_bad_images: bool = False, verbose: bool = True,
-                   **train_overrides: Any) -> dict:
+                   overwrite: bool = False, **train_overrides: Any) -> dict:
     """Train and test one (model, data, method); returns the summary dict also written to summary.json.
 
     Precedence: explicit ``train_overrides`` > the method's rate in the task config > the task config >
-    ``TrainConfig`` defaults.
+    ``TrainConfig`` defaults.  ``resume`` continues a run with the same settings (checked: model, backbone
+    fingerprint, data, method and options, every training value); ``overwrite`` replaces a run in ``output``.
     """
     task = task_config(data, config)
     known = {f.name for f in fields(TrainConfig)}
@@ -44,15 +46,20 @@ def run_experiment(model: str, weights: str | None, data: str, output: str | Pat
         kw["img_size"] = img_size
     torch.manual_seed(cfg.seed)  # random backbones / fresh heads are the same on --resume
     base = create_backbone(model, weights=weights, num_classes=num_classes, **kw)
+    check_input_size(base)
     splits = build_data(data, resolve_data_config({}, model=base), aug or task.get("aug"), cfg.seed,
                         skip_bad_images, num_classes)
     if num_classes is None:
         set_num_classes(base, splits.num_classes)
     mcfg = make_config(method, **(method_opts or {}))
+    base.backbone_fingerprint = fingerprint(base)  # once; every copy the trainer makes inherits it
+    settings = {"model": model, "backbone_fingerprint": base.backbone_fingerprint, "data": data, "method": method,
+                "method_options": dataclasses.asdict(mcfg), "num_classes": splits.num_classes,
+                "drop_path": drop_path, "img_size": img_size, "aug": aug or task.get("aug")}
 
     def make_model() -> torch.nn.Module:
         return apply(copy.deepcopy(base), mcfg)
 
     if verbose:
         print(format_summary(summary(make_model())))
-    return Trainer(make_model, splits, cfg, Path(output)).fit(resume=resume)
+    return Trainer(make_model, splits, cfg, Path(output), settings, overwrite).fit(resume=resume)

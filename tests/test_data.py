@@ -81,6 +81,6 @@ def test_num_classes_mismatch(tmp_path):
 def test_bad_spec(tmp_path):
     with pytest.raises(DataError, match="needs a kind"):
         build_data(str(tmp_path), CFG)
-    with pytest.raises(DataError, match="not a VTAB-1k task"):
+    with pytest.raises(DataError, match="split file .*foo/train800.txt not found"):
         (tmp_path / "foo").mkdir()
         build_data(f"vtab1k:{tmp_path / 'foo'}", CFG)

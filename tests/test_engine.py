@@ -123,6 +123,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_merge_eval_predict_export_info(tmp_path, capsys):
     rc, task, out = train(tmp_path)
     adapter = str(out / "adapter.safetensors")
+    torch.manual_seed(0)  # the backbone the run trained on (train seeds 0 before creating it)
     base = rlrr.create_backbone("vit_pico_patch4_32", weights=None, num_classes=10)
     from safetensors.torch import save_file
     save_file(base.state_dict(), str(tmp_path / "base.safetensors"))

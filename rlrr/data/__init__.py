@@ -71,6 +71,10 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
         tf = {"train": train_transform(data_cfg, aug), "eval": eval_transform(data_cfg, aug)}
         parts = {s: ImageList(v, n, tf["train" if s in ("train", "trainval") else "eval"], skip_bad, f"{path.name}/{s}")
                  for s, v in items.items()}
+    empty = [s for s in ("train", "val", "test") if len(parts[s]) == 0]
+    if empty:
+        raise DataError(f"{spec}: the {empty[0]} split has no images; training selects on val and reports test, "
+                        "so each split needs some")
     if num_classes is not None and num_classes != n:
         raise DataError(f"{spec} has {n} classes but --num-classes is {num_classes}; drop the flag or fix it")
     return Splits(where.rstrip("/").rsplit("/", 1)[-1], parts["train"], parts["val"], parts["trainval"],

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from .images import DataError, read_list_file
+from .images import DataError, inside, read_list_file
+
+log = logging.getLogger(__name__)
 
 # name: (classes, group) — the 19 VTAB-1k tasks
 VTAB = {
@@ -24,13 +27,18 @@ FGVC = {"CUB_200_2011": (200, "images"), "nabirds": (555, "images"), "OxfordFlow
 
 
 def vtab_items(task_dir: Path) -> tuple[dict[str, list], int]:
-    """Items of the four VTAB-1k lists; images paths are relative to the task folder."""
+    """Items of the four VTAB-1k lists; images paths are relative to the task folder.  Any folder with
+    the four lists is a task: the 19 known names keep their class count, others take it from the labels."""
     task = task_dir.name
     if not task_dir.is_dir():
         raise DataError(f"VTAB-1k task folder {task_dir} not found; expected <root>/<task> with the split lists")
-    if task not in VTAB:
-        raise DataError(f"{task!r} is not a VTAB-1k task; choose one of {', '.join(VTAB)}")
-    return {split: read_list_file(task_dir / f, task_dir) for split, f in VTAB_LISTS.items()}, VTAB[task][0]
+    items = {split: read_list_file(task_dir / f, task_dir) for split, f in VTAB_LISTS.items()}
+    if task in VTAB:
+        return items, VTAB[task][0]
+    classes = 1 + max(label for part in items.values() for _, label in part)
+    log.warning("%s is not one of the 19 VTAB-1k tasks: %d classes inferred from its labels (or pass --num-classes), "
+                "default training settings", task, classes)
+    return items, classes
 
 
 def fgvc_items(ds_dir: Path) -> tuple[dict[str, list], int]:
@@ -50,6 +58,8 @@ def fgvc_items(ds_dir: Path) -> tuple[dict[str, list], int]:
             raise DataError(f"split file {f} not found; FGVC needs VPT's train.json, val.json and test.json")
         raw[split] = json.loads(f.read_text())
     ids = {lab: i for i, lab in enumerate(sorted({lab for m in raw.values() for lab in m.values()}))}
-    items = {split: [(ds_dir / sub / p, ids[lab]) for p, lab in m.items()] for split, m in raw.items()}
+    root = ds_dir / sub
+    items = {split: [(inside(root, p, f"{ds_dir / split}.json"), ids[lab]) for p, lab in m.items()]
+             for split, m in raw.items()}
     items["trainval"] = items["train"] + items["val"]
     return items, classes

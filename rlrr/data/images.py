@@ -3,9 +3,11 @@ list of ``(path, label)`` read by one dataset class, so bad-input handling lives
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -16,14 +18,30 @@ class DataError(ValueError):
     """Data that cannot be used as given; the message names the file and the fix."""
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB without losing the value range: 16-bit and 32-bit integer images are scaled from their full
+    range (PIL's own ``convert`` clips them at 255), float images from [0, 1] or their min..max."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            lo, hi = (0.0, 1.0) if a.min() >= 0 and a.max() <= 1 else (a.min(), max(a.max(), a.min() + 1e-12))
+        else:
+            lo, hi = 0.0, 65535.0 if img.mode.startswith("I;16") or a.max() <= 65535 else float(2**32 - 1)
+        img = Image.fromarray(np.round((a - lo) / (hi - lo) * 255).clip(0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def open_rgb(path: Path) -> Image.Image:
-    """Open and fully decode an image, turning every decoder failure into one ``DataError``."""
+    """Open and fully decode an image of any mode, turning every decoder failure into one ``DataError``."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist; check the dataset root and the split file") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {path} is larger than PIL's decompression-bomb limit ({str(e).split('.')[0]}); "
+                        "downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"image {path} is unreadable or truncated ({type(e).__name__}); remove or "
                         "re-download it, or pass --skip-bad-images") from None
@@ -76,11 +94,22 @@ def read_list_file(list_file: Path, image_root: Path) -> list[tuple[Path, int]]:
         if not line.strip():
             continue
         path, _, label = line.rstrip().rpartition(" ")
-        try:
-            items.append((image_root / path, int(label)))
-        except ValueError:
-            raise DataError(f"{list_file}:{n}: expected 'relative/path label', got {line!r}") from None
+        if not label.lstrip("-").isdigit() or not path:
+            raise DataError(f"{list_file}:{n}: expected 'relative/path label', got {line!r}")
+        items.append((inside(image_root, path, f"{list_file}:{n}"), int(label)))
+    if not items:
+        raise DataError(f"split file {list_file} lists no images; fill it with 'relative/path label' lines")
     return items
+
+
+def inside(root: Path, relative: str, where: str) -> Path:
+    """``root/relative``, refusing a path that leaves ``root`` (``../x``, absolute): a split file names
+    images of its own task, and reading files elsewhere silently is how wrong data gets trained on."""
+    path = Path(os.path.normpath(root / relative))
+    if Path(relative).is_absolute() or not path.is_relative_to(os.path.normpath(root)):
+        raise DataError(f"{where}: {relative!r} points outside {root}; split files name images inside the "
+                        "dataset folder (move or link the images there)")
+    return path
 
 
 def image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:

@@ -10,13 +10,15 @@ Protocols (``TrainConfig.protocol``), recorded in every results file:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -25,12 +27,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import adapter_state, batchnorm_stats, save_adapter
-from ..methods.base import summary
+from ..files import atomic_write
+from ..methods.base import summary, trainable_parameters
 from . import distributed as dist
 from .loop import NonFiniteLoss, StepConfig, evaluate, train_one_epoch
 from .optim import build_optimizer, build_scheduler
 
 PROTOCOLS = ("retrain", "val", "test")
+RUN_FILES = ("checkpoint.pt", "summary.json", "adapter.safetensors", "best_adapter.safetensors", "metrics.jsonl",
+             "metrics.csv", "curves.png")
+NOT_SETTINGS = {"progress", "num_workers", "eval_batch_size", "device"}  # may change on --resume
 
 
 class TrainingStopped(RuntimeError):
@@ -58,6 +64,29 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        """Every value checked where it enters, with the flag that sets it named."""
+        rules = {"epochs": (self.epochs >= 1, "at least 1"), "warmup_epochs": (self.warmup_epochs >= 0, "0 or more"),
+                 "lr": (0 < self.lr < math.inf, "a positive number"),
+                 "weight_decay": (0 <= self.weight_decay < math.inf, "0 or more"),
+                 "batch_size": (self.batch_size >= 1, "at least 1"), "min_lr": (self.min_lr >= 0, "0 or more"),
+                 "warmup_lr": (self.warmup_lr >= 0, "0 or more"), "amp": (self.amp in ("none", "bf16", "fp16"),
+                                                                          "none, bf16 or fp16"),
+                 "grad_accum": (self.grad_accum >= 1, "at least 1"),
+                 "clip_grad": (self.clip_grad is None or 0 < self.clip_grad < math.inf, "a positive number"),
+                 "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"), "seed": (self.seed >= 0, "0 or more"),
+                 "num_workers": (self.num_workers >= 0, "0 or more"), "protocol": (self.protocol in PROTOCOLS,
+                                                                                  " / ".join(PROTOCOLS)),
+                 "eval_batch_size": (self.eval_batch_size >= 1, "at least 1"),
+                 "device": (self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda")}
+        for name, (ok, want) in rules.items():
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {want}, not {getattr(self, name)!r}")
+
+    def settings(self) -> dict:
+        """The values a resumed run must share with the run it continues."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_SETTINGS}
+
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
@@ -79,27 +108,46 @@ def check_writable(out: Path) -> None:
         raise TrainingStopped(f"output folder {out} is not writable ({e.strerror}); pass --output a writable folder") from None
 
 
-def atomic_save(obj: dict, path: Path) -> None:
-    """torch.save to a temp file, fsync, rename: a crash mid-write never corrupts the checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold ``out/.lock`` for the run: a second run into the same folder is refused while this one lives;
+    the OS drops the lock when the process ends, so a crashed run never leaves it stuck."""
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise TrainingStopped(f"{out} is in use by another running rlrr train (pid {pid}); wait for it to end "
+                              "or pass another --output") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 class Trainer:
-    def __init__(self, make_model: Callable[[], torch.nn.Module], splits, cfg: TrainConfig, out: Path):
-        if cfg.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {cfg.protocol!r}")
+    """``settings``: what else identifies the run (model, weights, data, method, ...), checked on resume;
+    ``overwrite``: replace a finished or unfinished run in ``out`` instead of refusing."""
+
+    def __init__(self, make_model: Callable[[], torch.nn.Module], splits, cfg: TrainConfig, out: Path,
+                 settings: dict | None = None, overwrite: bool = False):
         self.make_model, self.splits, self.cfg, self.out = make_model, splits, cfg, Path(out)
+        self.overwrite = overwrite
         self.rank, self.world, self.device = dist.setup(cfg.device)
         if self.rank == 0:
             check_writable(self.out)
         self.ckpt_path = self.out / "checkpoint.pt"
+        self.last_good = "none yet"
         self.state = {"phase": None, "epoch": 0, "history": [], "best": None, "selected_epochs": None,
-                      "protocol": cfg.protocol, "config": asdict(cfg), "wall_s": 0.0}
+                      "protocol": cfg.protocol, "config": asdict(cfg), "wall_s": 0.0,
+                      "settings": json.loads(json.dumps({**(settings or {}), **cfg.settings()}))}
 
     # -- loaders -------------------------------------------------------------------------------
     def loader(self, ds: Dataset, train: bool, epoch: int = 0) -> DataLoader:
@@ -115,12 +163,19 @@ class Trainer:
     def save_checkpoint(self, model, opt, sched, scaler) -> None:
         if self.rank != 0:
             return
-        atomic_save({"state": json.dumps(self.state), "model": adapter_state(dist.unwrap(model)),
+        atomic_write(self.ckpt_path, lambda f: torch.save({"state": json.dumps(self.state), "model": adapter_state(dist.unwrap(model)),
                      "optim": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
-                     "scaler": scaler.state_dict() if scaler else {}}, self.ckpt_path)
+                     "scaler": scaler.state_dict() if scaler else {}}, f))
+
+    def read_checkpoint(self) -> dict:
+        try:
+            return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated, foreign or pickled-code files all mean the same
+            raise TrainingStopped(f"{self.ckpt_path} is not a readable rlrr checkpoint ({type(e).__name__}); "
+                                  "pass --overwrite to start the run over") from None
 
     def load_checkpoint(self, model, opt, sched, scaler) -> None:
-        ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        ck = self.read_checkpoint()
         own = dict(dist.unwrap(model).named_parameters()) | batchnorm_stats(dist.unwrap(model))
         with torch.no_grad():
             for k, v in ck["model"].items():
@@ -132,17 +187,46 @@ class Trainer:
         torch.set_rng_state(ck["rng"])
 
     def _resume_state(self) -> dict | None:
-        if not self.ckpt_path.is_file():
+        """The saved state to continue, after refusing what would lose work or mix two runs."""
+        finished, started = (self.out / "summary.json").is_file(), self.ckpt_path.is_file()
+        if self.overwrite:
+            if self.rank == 0:
+                for f in RUN_FILES:
+                    (self.out / f).unlink(missing_ok=True)
             return None
-        ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        return json.loads(ck["state"])
+        if not self.resume:
+            if finished or started:
+                what = "a finished run (summary.json)" if finished else "an unfinished run (checkpoint.pt)"
+                raise TrainingStopped(f"{self.out} holds {what}; pass --resume to continue it, --overwrite to "
+                                      "replace it, or another --output")
+            return None
+        if not started:
+            if finished:
+                raise TrainingStopped(f"{self.out} holds a finished run without checkpoint.pt to resume; "
+                                      "pass --overwrite to replace it")
+            if self.rank == 0:
+                print(f"no checkpoint in {self.out}; starting from scratch")
+            return None
+        saved = json.loads(self.read_checkpoint()["state"])
+        old, new = saved.get("settings", {}), self.state["settings"]
+        changed = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+        if changed:
+            diff = ", ".join(f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in changed)
+            raise TrainingStopped(f"--resume: {self.ckpt_path} was saved with {diff}; resume with the same "
+                                  "settings or pass --overwrite to start over")
+        return saved
 
     # -- the run ---------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
+        self.resume = resume
+        if self.rank != 0:
+            return self._fit()
+        with run_lock(self.out):
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
-        resumed = self._resume_state() if resume else None
-        if resume and resumed is None and self.rank == 0:
-            print(f"no checkpoint in {self.out}; starting from scratch")
+        resumed = self._resume_state()
         if resumed:
             self.state = resumed
         phases = {"retrain": [("select", "train", "val"), ("final", "trainval", None)],
@@ -173,34 +257,41 @@ class Trainer:
             self.load_checkpoint(model, opt, sched, scaler)
         step_cfg = StepConfig(cfg.amp, cfg.grad_accum, cfg.clip_grad, cfg.label_smoothing)
         show = cfg.progress and self.rank == 0
+        if continuing and self.state["epoch"]:
+            self.last_good = f"{self.ckpt_path} (end of epoch {self.state['epoch'] - 1})"
         for epoch in range(self.state["epoch"], stop_after):
             t0 = time.time()
             try:
                 stats = train_one_epoch(model, self.loader(train_ds, True, epoch), opt, sched, step_cfg,
                                         self.device, epoch, scaler, show)
             except NonFiniteLoss as e:
-                where = f"{self.ckpt_path} (end of epoch {epoch - 1})" if epoch else "none yet"
-                raise TrainingStopped(f"{e}; last good checkpoint: {where}") from None
+                raise TrainingStopped(f"{e}; last good checkpoint: {self.last_good}") from None
             row = {"phase": phase, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats}
-            if eval_split is not None:
-                ev = evaluate(model, self.loader(self.splits[eval_split], False), self.device, cfg.amp)
-                row.update({f"{eval_split}_acc": ev["acc"], f"{eval_split}_loss": ev["loss"]})
-                best = self.state["best"]
-                if best is None or ev["acc"] > best["acc"]:
-                    self.state["best"] = {"epoch": epoch + 1, "acc": ev["acc"], "split": eval_split}
-                    if self.rank == 0:
-                        save_adapter(dist.unwrap(model), self.out / "best_adapter.safetensors",
-                                     {"epoch": str(epoch + 1), "protocol": cfg.protocol})
-            row["epoch_s"] = round(time.time() - t0, 2)
-            self.state["wall_s"] += row["epoch_s"]
-            self.state["history"].append(row)
-            self.state["epoch"] = epoch + 1
-            self.save_checkpoint(model, opt, sched, scaler)
-            if self.rank == 0:
-                self.write_metrics()
-                if show:
-                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                          flush=True)
+            ev = evaluate(model, self.loader(self.splits[eval_split], False), self.device, cfg.amp) \
+                if eval_split is not None else None
+            if not (math.isfinite(ev["loss"]) if ev else all(p.isfinite().all() for _, p in trainable_parameters(model))):
+                raise TrainingStopped(f"the weights diverged in epoch {epoch} ({eval_split or 'weights'} not finite); "
+                                      f"lower --lr or use --clip-grad; last good checkpoint: {self.last_good}")
+            with self.writing():
+                if ev is not None:
+                    row.update({f"{eval_split}_acc": ev["acc"], f"{eval_split}_loss": ev["loss"]})
+                    best = self.state["best"]
+                    if best is None or ev["acc"] > best["acc"]:
+                        self.state["best"] = {"epoch": epoch + 1, "acc": ev["acc"], "split": eval_split}
+                        if self.rank == 0:
+                            save_adapter(dist.unwrap(model), self.out / "best_adapter.safetensors",
+                                         {"epoch": str(epoch + 1), "protocol": cfg.protocol})
+                row["epoch_s"] = round(time.time() - t0, 2)
+                self.state["wall_s"] += row["epoch_s"]
+                self.state["history"].append(row)
+                self.state["epoch"] = epoch + 1
+                self.save_checkpoint(model, opt, sched, scaler)
+                self.last_good = f"{self.ckpt_path} (end of epoch {epoch})"
+                if self.rank == 0:
+                    self.write_metrics()
+            if show:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      flush=True)
         if phase == "select":
             self.state["selected_epochs"] = self.state["best"]["epoch"]
         return model
@@ -224,21 +315,34 @@ class Trainer:
                   "test_acc": test["acc"], "train_wall_s": round(st["wall_s"], 1), "world_size": self.world,
                   **summary(plain), "method_config": _method_config(plain), "config": asdict(cfg)}
         if self.rank == 0:
-            save_adapter(plain, self.out / "adapter.safetensors", {"protocol": cfg.protocol})
-            (self.out / "summary.json").write_text(json.dumps(result, indent=1))
             from .report import plot_history
-            plot_history(st["history"], self.out / "curves.png", title=f"{result['method']} on {self.splits.name}")
+            with self.writing():
+                save_adapter(plain, self.out / "adapter.safetensors", {"protocol": cfg.protocol})
+                plot_history(st["history"], self.out / "curves.png", title=f"{result['method']} on {self.splits.name}")
+                text = json.dumps(result, indent=1)
+                atomic_write(self.out / "summary.json", lambda f: f.write(text), "w")  # last: marks it finished
         dist.barrier()
         return result
 
+    @contextlib.contextmanager
+    def writing(self):
+        """Turn a failed write (full disk, folder removed) into one line that keeps the last good checkpoint."""
+        try:
+            yield
+        except OSError as e:
+            raise TrainingStopped(f"cannot write to {self.out} ({e.strerror or e}); free space or pass another "
+                                  f"--output, then rerun with --resume; last good checkpoint: {self.last_good}") from None
+
     def write_metrics(self) -> None:
         hist = self.state["history"]
-        (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hist))
+        atomic_write(self.out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in hist)), "w")
         keys = list(dict.fromkeys(k for r in hist for k in r))
-        with open(self.out / "metrics.csv", "w", newline="") as f:
+
+        def rows(f) -> None:
             w = csv.DictWriter(f, keys)
             w.writeheader()
             w.writerows(hist)
+        atomic_write(self.out / "metrics.csv", rows, "w")
 
 
 def _method_config(model) -> dict:

@@ -62,6 +62,8 @@ def apply(model: nn.Module, config: Any) -> nn.Module:
     if getattr(model, "peft_method", None):
         raise RuntimeError(f"model already has method {model.peft_method!r} applied; create a fresh backbone")
     method = get_method(config.method)
+    from ..backbones import fingerprint
+    model.backbone_fingerprint = getattr(model, "backbone_fingerprint", None) or fingerprint(model)  # before any change
     model = method.apply(model, config)
     model.peft_method, model.peft_config = method.name, config
     return model
@@ -77,7 +79,7 @@ def merge(model: nn.Module) -> nn.Module:
         raise MergeError(f"{name} adds computation that has no plain-weight equivalent; it cannot be merged")
     with torch.no_grad():
         model = method.merge(model)
-    del model.peft_method, model.peft_config
+    del model.peft_method, model.peft_config, model.backbone_fingerprint
     return model
 
 
