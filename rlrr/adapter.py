@@ -40,8 +40,8 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_metadata(model: torch.nn.Module) -> dict[str, str]:
     from . import __version__
-    cfg = getattr(model, "peft_config", None)
-    return {"format": FORMAT, "method": getattr(model, "peft_method", None) or "none",
+    cfg = getattr(model, "rlrr_config", None)
+    return {"format": FORMAT, "method": getattr(model, "rlrr_method", None) or "none",
             "config": json.dumps(dataclasses.asdict(cfg) if cfg is not None else {}),
             "backbone": architecture(model), "library_version": __version__,
             "backbone_fingerprint": getattr(model, "backbone_fingerprint", None) or fingerprint(model),
@@ -81,11 +81,11 @@ def load_adapter(model: torch.nn.Module, path: str | Path, check_fingerprint: bo
     saved = meta.get("backbone_fingerprint")
     if check_fingerprint and saved:  # of the plain model, before the method changes its modules
         model.backbone_fingerprint = getattr(model, "backbone_fingerprint", None) or fingerprint(model)
-    if getattr(model, "peft_method", None) is None and meta["method"] != "none":
+    if getattr(model, "rlrr_method", None) is None and meta["method"] != "none":
         model = apply(model, make_config(meta["method"], **json.loads(meta["config"])))
-    elif getattr(model, "peft_method", None) not in (None, meta["method"]):
+    elif getattr(model, "rlrr_method", None) not in (None, meta["method"]):
         raise AdapterMismatchError(f"{path} holds a {meta['method']} adapter but the model has "
-                                   f"{model.peft_method} applied; load it onto a plain backbone")
+                                   f"{model.rlrr_method} applied; load it onto a plain backbone")
     own = dict(model.named_parameters()) | batchnorm_stats(model)
     hint = f" (the adapter was trained on {meta['backbone']}; load it onto that backbone)" \
         if meta["backbone"] != architecture(model) else ""

@@ -97,8 +97,11 @@ def cmd_train(args) -> dict:
     from .engine.trainer import TrainConfig
     from .experiment import run_experiment
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    method, opts = args.method, method_options(args.method_opt)
+    if args.pace is not None:  # PACE around the method: --pace sigma=1,lambda=0.1
+        method, opts = f"{method}+pace", {**opts, **method_options(args.pace.split(",") if args.pace else [])}
     result = run_experiment(args.model, None if args.weights == "none" else args.weights, args.data, args.output,
-                            args.method, method_options(args.method_opt), args.config, args.resume, args.num_classes,
+                            method, opts, args.config, args.resume, args.num_classes,
                             args.drop_path, args.img_size, args.aug, args.skip_bad_images, overwrite=args.overwrite,
                             **overrides)
     print(f"{result['method']} on {result['dataset']} [{result['protocol']}]: test top-1 {result['test_acc']:.2f}% "
@@ -186,7 +189,7 @@ def cmd_export(args) -> Path:
     from .methods.base import merge
     out = output_file(args.output)
     model = adapted_model(args)
-    if getattr(model, "peft_method", None):
+    if getattr(model, "rlrr_method", None):
         model = merge(model)
     size = data_config(model)["input_size"]
     try:
@@ -273,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="vtab1k:ROOT/TASK, fgvc:ROOT/NAME, folder:DIR, csv:FILE, offline:TASK")
     p.add_argument("--method", default="rlrr")
     p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method config option (repeatable)")
+    p.add_argument("--pace", metavar="sigma=S,lambda=L", nargs="?", const="",
+                   help="PACE regularisation around the method (rlrr, lora, ssf, adapter, hta)")
     p.add_argument("--config", help="task YAML (default: configs/<kind>/<task>.yaml when it exists)")
     p.add_argument("--output", required=True)
     p.add_argument("--num-classes", type=at_least(1))

@@ -81,7 +81,7 @@ def test_adapter_round_trip_every_method(name, tmp_path):
     loaded = rlrr.load_adapter(fresh, path).eval()
     with torch.no_grad():
         assert torch.allclose(loaded(x), ref, atol=1e-6)
-    assert loaded.peft_method == name
+    assert loaded.rlrr_method == name
 
 
 @pytest.mark.parametrize("name", ["adapter", "lora"])

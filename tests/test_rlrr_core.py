@@ -210,7 +210,7 @@ def test_adapter_round_trip(tmp_path):
     fresh, *_ = tiny("vit")  # same backbone weights (same seed): the adapter does not carry them
     torch.manual_seed(123)  # a different init of everything the adapter carries
     loaded = rlrr.load_adapter(fresh, path)
-    assert loaded.peft_config == rlrr.RLRRConfig(rank=2, qkv="fused")
+    assert loaded.rlrr_config == rlrr.RLRRConfig(rank=2, qkv="fused")
     with torch.no_grad():
         assert torch.equal(loaded(x), ref)
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..backbones.hf import logits_of
+from ..methods.base import cross_entropy
 
 
 class NonFiniteLoss(RuntimeError):
@@ -34,8 +36,11 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, cfg: StepConfig,
                     device: torch.device, epoch: int, scaler: torch.amp.GradScaler | None = None,
-                    progress: bool = True) -> dict[str, float]:
-    """Train for one epoch; returns mean loss and accuracy. ``scheduler.step_update`` gets the global step."""
+                    progress: bool = True, objective: Callable = cross_entropy) -> dict[str, float]:
+    """Train for one epoch; returns mean loss and accuracy. ``scheduler.step_update`` gets the global step.
+
+    ``objective(model, x, y, label_smoothing) -> (loss, logits)``: cross-entropy, or a method's own
+    (PACE's consistency term), so AMP, accumulation, clipping and the NaN check stay here, once."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
@@ -45,8 +50,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
-            logits = logits_of(model(x))
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss, logits = objective(model, x, y, cfg.label_smoothing)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, batch {i}; lower --lr, "
                                 "use --clip-grad or --amp none")

@@ -30,6 +30,7 @@ from ..adapter import adapter_state, batchnorm_stats, save_adapter
 from ..files import atomic_write
 from ..methods.base import summary, trainable_parameters
 from . import distributed as dist
+from ..methods.base import cross_entropy
 from .loop import NonFiniteLoss, StepConfig, evaluate, train_one_epoch
 from .optim import build_optimizer, build_scheduler
 
@@ -256,6 +257,7 @@ class Trainer:
         if continuing:
             self.load_checkpoint(model, opt, sched, scaler)
         step_cfg = StepConfig(cfg.amp, cfg.grad_accum, cfg.clip_grad, cfg.label_smoothing)
+        objective = getattr(dist.unwrap(model), "objective", None) or cross_entropy  # a method may bring its own
         show = cfg.progress and self.rank == 0
         if continuing and self.state["epoch"]:
             self.last_good = f"{self.ckpt_path} (end of epoch {self.state['epoch'] - 1})"
@@ -263,7 +265,7 @@ class Trainer:
             t0 = time.time()
             try:
                 stats = train_one_epoch(model, self.loader(train_ds, True, epoch), opt, sched, step_cfg,
-                                        self.device, epoch, scaler, show)
+                                        self.device, epoch, scaler, show, objective)
             except NonFiniteLoss as e:
                 raise TrainingStopped(f"{e}; last good checkpoint: {self.last_good}") from None
             row = {"phase": phase, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats}
@@ -346,7 +348,7 @@ class Trainer:
 
 
 def _method_config(model) -> dict:
-    cfg = getattr(model, "peft_config", None)
+    cfg = getattr(model, "rlrr_config", None)
     return asdict(cfg) if cfg is not None else {}
 
 

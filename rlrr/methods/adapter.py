@@ -33,8 +33,13 @@ class ParallelAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+    channel_dim = -1
+
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm(x)) + self.scale * self.up(torch.relu(self.down(x)))
+        return self.frozen(x) + self.scale * self.up(torch.relu(self.down(x)))
 
 
 @dataclass

@@ -41,7 +41,14 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
+    """A registered method, or a composed one: ``peft:<tuner>`` (peft's tuners), ``<method>+pace``."""
     from . import _load_all  # noqa: F401 - importing the package registers every method
+    if name.startswith("peft:"):
+        from .peft import peft_method
+        return peft_method(name[5:])
+    if name.endswith("+pace"):
+        from .pace import pace_method
+        return pace_method(get_method(name[:-5]))
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
@@ -49,6 +56,12 @@ def get_method(name: str) -> Method:
 
 def make_config(name: str, **overrides: Any):
     """A method's config from plain values (YAML/CLI/adapter metadata), rejecting unknown keys by name."""
+    if name.startswith("peft:"):
+        from .peft import make_peft_config
+        return make_peft_config(name[5:], overrides)
+    if name.endswith("+pace"):
+        from .pace import pace_config
+        return pace_config(name[:-5], overrides)
     cls = get_method(name).config
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(overrides) - fields
@@ -59,19 +72,19 @@ def make_config(name: str, **overrides: Any):
 
 def apply(model: nn.Module, config: Any) -> nn.Module:
     """Inject the method described by ``config`` (an instance of a registered config dataclass)."""
-    if getattr(model, "peft_method", None):
-        raise RuntimeError(f"model already has method {model.peft_method!r} applied; create a fresh backbone")
+    if getattr(model, "rlrr_method", None):
+        raise RuntimeError(f"model already has method {model.rlrr_method!r} applied; create a fresh backbone")
     method = get_method(config.method)
     from ..backbones import fingerprint
     model.backbone_fingerprint = getattr(model, "backbone_fingerprint", None) or fingerprint(model)  # before any change
     model = method.apply(model, config)
-    model.peft_method, model.peft_config = method.name, config
+    model.rlrr_method, model.rlrr_config = method.name, config
     return model
 
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold the applied method into plain weights; the result has the original timm module types."""
-    name = getattr(model, "peft_method", None)
+    name = getattr(model, "rlrr_method", None)
     if name is None:
         raise MergeError("no method applied to this model; nothing to merge")
     method = get_method(name)
@@ -79,8 +92,16 @@ def merge(model: nn.Module) -> nn.Module:
         raise MergeError(f"{name} adds computation that has no plain-weight equivalent; it cannot be merged")
     with torch.no_grad():
         model = method.merge(model)
-    del model.peft_method, model.peft_config, model.backbone_fingerprint
+    for attr in ("rlrr_method", "rlrr_config", "backbone_fingerprint"):
+        model.__dict__.pop(attr, None)
     return model
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0):
+    """The default training objective, ``(loss, logits)``; a method may set ``model.objective`` to its own."""
+    from ..backbones.hf import logits_of
+    logits = logits_of(model(x))
+    return torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), logits
 
 
 # --- shared helpers for method implementations ----------------------------------------------------
@@ -90,6 +111,19 @@ def freeze(model: nn.Module, train_head: bool = True) -> None:
     if train_head:
         for head in classifier_modules(model):
             head.requires_grad_(True)
+
+
+def add_to_rows(y: torch.Tensor, slices: list[tuple[int, int]], parts: list[torch.Tensor]) -> torch.Tensor:
+    """``y`` plus each update in ``parts`` added to its slice ``(start, stop)`` of the output channels:
+    how methods adapt q, k, v as row slices of timm's fused qkv (LoRA, HTA)."""
+    if slices == [(0, y.shape[-1])]:
+        return y + parts[0]
+    pieces, last = [], 0
+    for (a, b), p in zip(slices, parts):  # zeros where a row slice has no update
+        pieces += [y.new_zeros(*y.shape[:-1], a - last), p]
+        last = b
+    pieces.append(y.new_zeros(*y.shape[:-1], y.shape[-1] - last))
+    return y + torch.cat(pieces, dim=-1)
 
 
 def replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -109,6 +143,10 @@ def added_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             p = getattr(module, pname, None) if "." not in pname else module.get_parameter(pname)
             if isinstance(p, nn.Parameter):
                 out[f"{mname}.{pname}" if mname else pname] = p
+        for attr in getattr(module, "adapter_layer_names", ()):  # peft's tuner layers name theirs here
+            sub = getattr(module, attr, None)
+            for pname, p in (sub.named_parameters() if isinstance(sub, nn.Module) else ()):
+                out[f"{mname}.{attr}.{pname}"] = p
     return out
 
 
@@ -120,7 +158,7 @@ def summary(model: nn.Module) -> dict[str, float]:
     backbone = sum(p.numel() for p in all_params if id(p) not in head_ids) - sum(p.numel() for p in added.values())
     trainable = sum(p.numel() for p in all_params if p.requires_grad)
     head = sum(p.numel() for p in all_params if id(p) in head_ids and p.requires_grad)
-    return {"method": getattr(model, "peft_method", None) or "none", "method_params": trainable - head,
+    return {"method": getattr(model, "rlrr_method", None) or "none", "method_params": trainable - head,
             "added_params": sum(p.numel() for p in added.values()), "head_params": head,
             "trainable_params": trainable, "backbone_params": backbone,
             "trainable_pct_of_backbone": 100.0 * trainable / max(backbone, 1)}

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.discover import ROLES, DiscoveryError, discover, matching
-from .base import Method, freeze, register, replace
+from .base import Method, add_to_rows, freeze, register, replace
 
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
 
@@ -42,6 +42,12 @@ class LoRALinear(nn.Module):
         """The frozen base weight, for models that read it for its dtype or device."""
         return self.base.weight
 
+    channel_dim = -1
+
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """The pretrained layer's output (what PACE perturbs around)."""
+        return self.base(x)
+
     def delta(self) -> torch.Tensor:
         """The full-size update (α/r)·B A placed in its row slices."""
         d = torch.zeros_like(self.base.weight)
@@ -50,17 +56,9 @@ class LoRALinear(nn.Module):
         return d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         h = self.dropout(x)
         parts = [F.linear(F.linear(h, A), B) * self.scaling for A, B in zip(self.lora_A, self.lora_B)]
-        if len(self.slices) == 1 and self.slices[0] == (0, y.shape[-1]):
-            return y + parts[0]
-        pieces, last = [], 0
-        for (a, b), p in zip(self.slices, parts):  # zeros where a row slice has no update
-            pieces += [y.new_zeros(*y.shape[:-1], a - last), p]
-            last = b
-        pieces.append(y.new_zeros(*y.shape[:-1], y.shape[-1] - last))
-        return y + torch.cat(pieces, dim=-1)
+        return add_to_rows(self.base(x), self.slices, parts)
 
     def merged(self) -> nn.Linear:
         self.base.weight.add_(self.delta())

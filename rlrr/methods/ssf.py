@@ -37,7 +37,8 @@ class FeatureRescale(nn.Module):
                             "weight and bias, or Linear/Conv2d layers")
         self.inner = inner
         self.folds = is_norm(inner)
-        self.dim = 1 if isinstance(inner, nn.Conv2d) else -1
+        channels_first = (nn.Conv2d, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+        self.channel_dim = 1 if isinstance(inner, channels_first) else -1
         like = inner.weight
         c = like.shape[0]
         self.scale = nn.Parameter(torch.ones(c, dtype=like.dtype, device=like.device))
@@ -60,8 +61,12 @@ class FeatureRescale(nn.Module):
             return torch.func.functional_call(n, {"weight": w, "bias": b}, (x,))
         y = self.inner(x)
         shape = [1] * y.ndim
-        shape[self.dim] = -1
+        shape[self.channel_dim] = -1
         return y * self.scale.view(shape).to(y.dtype) + self.shift.view(shape).to(y.dtype)
+
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """The output without the rescale (what PACE perturbs around)."""
+        return self.inner(x)
 
     def merged(self) -> nn.Module:
         """The wrapped module with γ, β folded into its per-channel affine."""

@@ -1,0 +1,93 @@
+"""HF peft's tuners as rivals: method ``peft:<tuner>`` (``peft:lora``, ``peft:vera``, ``peft:boft``, ...).
+
+The tuner's config fields come as options (``--method-opt r=8``); its targets default to the backbone's
+discovered block linears (IA3's feed-forward set to the MLP output layers).  peft wraps the model in a
+``PeftModel`` (the trainer calls it like the backbone); parameters count through the same summary (peft
+layers name their adapter tensors in ``adapter_layer_names``), adapters save and load through the
+project's adapter files, and ``merge`` is peft's own ``merge_and_unload`` back to the plain model.
+RLRR itself is not a peft tuner: peft's ``register_peft_method`` only accepts names already in its
+closed ``PeftType`` enum, and we do not patch it (the way into peft is upstream).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from torch import nn
+
+from ..backbones.discover import ROLES, classifier_modules, discover
+from .base import Method, MergeError
+
+PREFIX = "peft:"
+ALIASES = {"dora": ("lora", {"use_dora": True})}  # tuners that are options of another
+
+
+@dataclass
+class PeftMethodConfig:
+    """tuner: a peft tuner name (its PeftType, any case); options: that tuner's config fields."""
+    tuner: str = "lora"
+    options: dict = field(default_factory=dict)
+    train_head: bool = True
+
+    @property
+    def method(self) -> str:
+        return PREFIX + self.tuner
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ValueError("peft: methods need peft; pip install 'rlrr[peft]'") from None
+    return peft
+
+
+def peft_config(model: nn.Module, cfg: PeftMethodConfig):
+    """The tuner's own config object, targets defaulting to the discovered block linears."""
+    peft = _peft()
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    name, preset = ALIASES.get(cfg.tuner.lower(), (cfg.tuner, {}))
+    try:
+        cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft.PeftType[name.upper()]]
+    except KeyError:
+        raise ValueError(f"peft has no tuner {cfg.tuner!r}; choose one of "
+                         f"{', '.join(t.value.lower() for t in peft.PeftType)}") from None
+    opts = {**preset, **cfg.options}
+    linears = [n for n in discover(model).targets if isinstance(model.get_submodule(n), nn.Linear)]
+    opts.setdefault("target_modules", linears)
+    if "feedforward_modules" in cls.__dataclass_fields__ and "feedforward_modules" not in cfg.options:
+        opts["feedforward_modules"] = [n for n in opts["target_modules"] if ROLES.get(n.rsplit(".", 1)[-1]) == "fc2"]
+    try:
+        return cls(**opts)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"peft {name}: {str(e).splitlines()[0]}") from None
+
+
+def apply_peft(model: nn.Module, cfg: PeftMethodConfig) -> nn.Module:
+    peft = _peft()
+    heads = classifier_modules(model)
+    try:
+        wrapped = peft.get_peft_model(model, peft_config(model, cfg))
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise ValueError(f"peft {cfg.tuner} does not fit {type(model).__name__}: {str(e).splitlines()[0]}") from None
+    for head in heads if cfg.train_head else []:
+        head.requires_grad_(True)
+    return wrapped
+
+
+def merge_peft(model: nn.Module) -> nn.Module:
+    try:
+        return model.merge_and_unload()
+    except (NotImplementedError, ValueError, AttributeError) as e:
+        raise MergeError(f"this peft tuner cannot be merged ({str(e).splitlines()[0]})") from None
+
+
+def peft_method(tuner: str) -> Method:
+    return Method(PREFIX + tuner, PeftMethodConfig, apply_peft, merge_peft)
+
+
+def make_peft_config(tuner: str, values: dict) -> PeftMethodConfig:
+    """From flat tuner options (CLI) or from adapter metadata (``tuner``/``options``/``train_head``)."""
+    if "options" in values or "tuner" in values:
+        return PeftMethodConfig(**{**values, "tuner": tuner})
+    train_head = values.pop("train_head", True)
+    return PeftMethodConfig(tuner=tuner, options={k: list(v) if isinstance(v, tuple) else v
+                                                  for k, v in values.items()}, train_head=train_head)
