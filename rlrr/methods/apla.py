@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.discover import ROLES, DiscoveryError, discover
-from .base import Method, freeze, register, replace
+from .base import Method, freeze, merge_modules, register, replace
 
 
 class RowTunedLinear(nn.Module):
@@ -82,10 +82,7 @@ def apply_apla(model: nn.Module, cfg: APLAConfig) -> nn.Module:
 
 
 def merge_apla(model: nn.Module) -> nn.Module:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, RowTunedLinear):
-            replace(model, name, module.merged())
-    return model
+    return merge_modules(model, RowTunedLinear)
 
 
 register(Method("apla", APLAConfig, apply_apla, merge_apla))

@@ -126,6 +126,14 @@ def add_to_rows(y: torch.Tensor, slices: list[tuple[int, int]], parts: list[torc
     return y + torch.cat(pieces, dim=-1)
 
 
+def merge_modules(model: nn.Module, *types: type) -> nn.Module:
+    """Replace every module of ``types`` by its ``merged()`` plain layer: how mergeable methods fold."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, types):
+            replace(model, name, module.merged())
+    return model
+
+
 def replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..backbones.discover import ROLES, DiscoveryError, discover
-from .base import Method, add_to_rows, freeze, register, replace
+from .base import Method, add_to_rows, freeze, merge_modules, register, replace
 
 SLICES = {"q": 0, "k": 1, "v": 2}
 
@@ -112,10 +112,7 @@ def apply_hta(model: nn.Module, cfg: HTAConfig) -> nn.Module:
 
 
 def merge_hta(model: nn.Module) -> nn.Module:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, HTALinear):
-            replace(model, name, module.merged())
-    return model
+    return merge_modules(model, HTALinear)
 
 
 register(Method("hta", HTAConfig, apply_hta, merge_hta))

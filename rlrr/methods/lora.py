@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.discover import ROLES, DiscoveryError, discover, matching
-from .base import Method, add_to_rows, freeze, register, replace
+from .base import Method, add_to_rows, freeze, merge_modules, register, replace
 
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
 
@@ -106,10 +106,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            replace(model, name, module.merged())
-    return model
+    return merge_modules(model, LoRALinear)
 
 
 register(Method("lora", LoRAConfig, apply_lora, merge_lora))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.discover import resolve
-from .base import Method, freeze, register, replace
+from .base import Method, freeze, merge_modules, register, replace
 from .ssf import inject_feature_rescale, merge_feature_rescale
 
 
@@ -341,11 +341,7 @@ def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> nn.Module:
 
 
 def merge_rlrr(model: nn.Module) -> nn.Module:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, _Rescaled):
-            replace(model, name, module.merged())
-    merge_feature_rescale(model)
-    return model
+    return merge_feature_rescale(merge_modules(model, _Rescaled))
 
 
 register(Method("rlrr", RLRRConfig, apply_rlrr, merge_rlrr))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.discover import is_norm, is_weight_layer, resolve
-from .base import Method, MergeError, freeze, register, replace
+from .base import Method, MergeError, freeze, merge_modules, register, replace
 
 
 class FeatureRescale(nn.Module):
@@ -95,10 +95,8 @@ def inject_feature_rescale(model: nn.Module, modules: list[tuple[str, nn.Module]
         replace(model, name, FeatureRescale(module, std))
 
 
-def merge_feature_rescale(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FeatureRescale):
-            replace(model, name, module.merged())
+def merge_feature_rescale(model: nn.Module) -> nn.Module:
+    return merge_modules(model, FeatureRescale)
 
 
 @dataclass
