@@ -24,14 +24,20 @@ GRID = {
     "adapter": (0.003, 0.01, 0.03, 0.1),
     "vpt": (0.01, 0.03, 0.1, 0.3),
     "rlrr": (0.02, 0.06, 0.18),
+    "rlrr+pace": (0.02, 0.06, 0.18),
+    "hta": (0.003, 0.01, 0.03),
+    "apla": (0.001, 0.003, 0.01),
+    "peft:vera": (0.01, 0.03, 0.1),
+    "peft:ia3": (0.01, 0.03, 0.1),
+    "peft:lokr": (0.003, 0.01, 0.03),
 }
 
 
 def parse_grid(specs: list[str]) -> dict[str, tuple[float, ...]]:
     grid = {}
     for spec in specs:
-        method, _, lrs = spec.partition(":")
-        if not lrs:
+        method, _, lrs = spec.rpartition(":")  # method names may hold a colon (peft:vera)
+        if not method or not lrs:
             raise SystemExit(f"--grid {spec!r}: write METHOD:LR,LR,... (e.g. lora:0.003,0.01)")
         grid[method] = tuple(float(v) for v in lrs.split(","))
     return grid
