@@ -16,24 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.discover import ROLES, DiscoveryError, discover
-from .base import Method, freeze, merge_modules, register, replace
+from .base import AroundLinear, Method, freeze, merge_modules, register, replace
 
 
-class RowTunedLinear(nn.Module):
+class RowTunedLinear(AroundLinear):
     """A frozen Linear whose output rows ``rows`` are replaced by trainable ``weight_rows`` / ``bias_rows``."""
 
     adapter_params = ("weight_rows", "bias_rows")
 
     def __init__(self, base: nn.Linear, rows: torch.Tensor):
-        super().__init__()
-        self.base = base.requires_grad_(False)
+        super().__init__(base)
         self.register_buffer("rows", rows, persistent=False)
         self.weight_rows = nn.Parameter(base.weight.detach()[rows].clone())
         self.bias_rows = nn.Parameter(base.bias.detach()[rows].clone()) if base.bias is not None else None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w = self.base.weight.index_copy(0, self.rows, self.weight_rows)

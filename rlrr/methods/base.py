@@ -113,6 +113,25 @@ def freeze(model: nn.Module, train_head: bool = True) -> None:
             head.requires_grad_(True)
 
 
+class AroundLinear(nn.Module):
+    """A frozen ``base`` Linear plus a method's update: what the LoRA, HTA and APLA layers share."""
+
+    channel_dim = -1
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight, for models that read it for its dtype or device (HF ViT)."""
+        return self.base.weight
+
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """The pretrained layer's output (what PACE perturbs around)."""
+        return self.base(x)
+
+
 def add_to_rows(y: torch.Tensor, slices: list[tuple[int, int]], parts: list[torch.Tensor]) -> torch.Tensor:
     """``y`` plus each update in ``parts`` added to its slice ``(start, stop)`` of the output channels:
     how methods adapt q, k, v as row slices of timm's fused qkv (LoRA, HTA)."""

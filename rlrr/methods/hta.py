@@ -22,17 +22,17 @@ import torch
 from torch import nn
 
 from ..backbones.discover import ROLES, DiscoveryError, discover
-from .base import Method, add_to_rows, freeze, merge_modules, register, replace
+from .base import AroundLinear, Method, add_to_rows, freeze, merge_modules, register, replace
 
 SLICES = {"q": 0, "k": 1, "v": 2}
 
 
-class HTALinear(nn.Module):
+class HTALinear(AroundLinear):
     """A frozen Linear plus HTA updates on square row slices ``[(start, stop), ...]`` of its weight."""
 
     def __init__(self, base: nn.Linear, slices: list[tuple[int, int]]):
-        super().__init__()
-        self.base, self.slices = base.requires_grad_(False), slices
+        super().__init__(base)
+        self.slices = slices
         d = base.in_features
         like = dict(dtype=base.weight.dtype, device=base.weight.device)
         # one (5, D) tensor per slice: rows u, v, a, c, d
@@ -44,16 +44,6 @@ class HTALinear(nn.Module):
     @property
     def adapter_params(self) -> tuple[str, ...]:
         return tuple(f"units.{i}" for i in range(len(self.slices)))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    channel_dim = -1
-
-    def frozen(self, x: torch.Tensor) -> torch.Tensor:
-        """The pretrained layer's output (what PACE perturbs around)."""
-        return self.base(x)
 
     @staticmethod
     def update(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:

@@ -15,17 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.discover import ROLES, DiscoveryError, discover, matching
-from .base import Method, add_to_rows, freeze, merge_modules, register, replace
+from .base import AroundLinear, Method, add_to_rows, freeze, merge_modules, register, replace
 
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AroundLinear):
     """A frozen Linear plus low-rank updates on row slices ``[(start, stop), ...]`` of its weight."""
 
     def __init__(self, base: nn.Linear, slices: list[tuple[int, int]], rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        self.base, self.slices, self.scaling = base.requires_grad_(False), slices, alpha / rank
+        super().__init__(base)
+        self.slices, self.scaling = slices, alpha / rank
         like = dict(dtype=base.weight.dtype, device=base.weight.device)
         self.lora_A = nn.ParameterList([nn.Parameter(torch.empty(rank, base.in_features, **like)) for _ in slices])
         self.lora_B = nn.ParameterList([nn.Parameter(torch.zeros(b - a, rank, **like)) for a, b in slices])
@@ -36,17 +36,6 @@ class LoRALinear(nn.Module):
     @property
     def adapter_params(self) -> tuple[str, ...]:
         return tuple(f"lora_{m}.{i}" for m in "AB" for i in range(len(self.slices)))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The frozen base weight, for models that read it for its dtype or device."""
-        return self.base.weight
-
-    channel_dim = -1
-
-    def frozen(self, x: torch.Tensor) -> torch.Tensor:
-        """The pretrained layer's output (what PACE perturbs around)."""
-        return self.base(x)
 
     def delta(self) -> torch.Tensor:
         """The full-size update (α/r)·B A placed in its row slices."""
