@@ -205,9 +205,8 @@ def discover(model: nn.Module) -> Structure:
     transitions = [n for n, m in outside if lo < rank(n) < hi and is_weight_layer(m)]
     norms = [n for n in block_norms if live(n)] + stem[-1:] + final
     qkv = "fused" if type(model).__name__ in FUSED_QKV_CLASSES else "split"
-    key = lambda n: rank(n)  # noqa: E731 - call order
-    return Structure(tuple(blocks), tuple(sorted(targets, key=key)), tuple(sorted(norms, key=key)),
-                     tuple(sorted(transitions, key=key)), qkv, seq)
+    return Structure(tuple(blocks), tuple(sorted(targets, key=rank)), tuple(sorted(norms, key=rank)),
+                     tuple(sorted(transitions, key=rank)), qkv, seq)
 
 
 def matching(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
