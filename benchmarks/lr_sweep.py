@@ -6,6 +6,11 @@ rate is the one ``rlrr bench --suite mini`` then uses.  Cells are skipped when a
 
     python benchmarks/lr_sweep.py --task mnist --output runs/sweep
     python benchmarks/lr_sweep.py --grid lora:0.003,0.01,0.03 --grid ssf:0.01,0.03
+    python benchmarks/lr_sweep.py --grid rlrr+pace:0.02,0.06 --opts rlrr+pace:sigma=0.1 --opts rlrr+pace:sigma=0.3
+
+``--opts METHOD:key=value,...`` adds one option set of that method to the sweep: each rate of its grid
+runs with each set given (without any: the options the task config gives it, or its defaults).  The
+picks go into the task config as ``method_lr`` and ``method_opts``.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from rlrr.bench import run_cell, suite_cells
+from rlrr.cli import method_options
 
 # lr/3, lr, 3·lr around each paper's range, widened by one step where the best sat at an edge.
 GRID = {
@@ -43,24 +49,40 @@ def parse_grid(specs: list[str]) -> dict[str, tuple[float, ...]]:
     return grid
 
 
+def parse_opts(specs: list[str]) -> dict[str, list[dict]]:
+    variants: dict[str, list[dict]] = {}
+    for spec in specs:
+        method = spec.partition("=")[0].rpartition(":")[0]  # method names may hold a colon (peft:vera)
+        if not method:
+            raise SystemExit(f"--opts {spec!r}: write METHOD:KEY=VALUE,... (e.g. rlrr+pace:sigma=0.3,lambda=0.1)")
+        variants.setdefault(method, []).append(method_options(spec[len(method) + 1:].split(",")))
+    return variants
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="mnist", help="offline task to pick on (its val split)")
     ap.add_argument("--grid", action="append", default=[], help="METHOD:LR,LR,... (default: GRID above)")
+    ap.add_argument("--opts", action="append", default=[], help="METHOD:KEY=VALUE,... one option set to sweep")
     ap.add_argument("--output", type=Path, default=Path("runs/sweep"))
     args = ap.parse_args()
     grid = parse_grid(args.grid) if args.grid else GRID
+    variants = parse_opts(args.opts)
     _, model, settings = suite_cells("mini", None, smoke=False)
-    lines = ["| method | lr → val / test top-1 (%) | picked |", "|---|---|---|"]
+    lines = ["| method | options | lr → val / test top-1 (%) | picked |", "|---|---|---|---|"]
     for method, lrs in grid.items():
         results = {}
-        for lr in lrs:
-            res = run_cell(args.output / args.task / method / f"lr{lr:g}", f"{method} lr {lr:g}", model,
-                           "pretrained", f"offline:{args.task}", method, seed=0, lr=lr, **settings)
-            results[lr] = (res["val_acc"], res["test_acc"])
-        best = max(lrs, key=lambda lr: results[lr][0])  # ties go to the first (smaller) rate
-        cells = ", ".join(f"{lr:g} → {v:.1f} / {t:.1f}" for lr, (v, t) in results.items())
-        lines.append(f"| {method} | {cells} | {best:g} |")
+        for opts in variants.get(method, [{}]):
+            name = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in opts.items())
+            for lr in lrs:
+                cell = args.output / args.task / method / (f"lr{lr:g}" + (f"-{name}" if name else ""))
+                res = run_cell(cell, f"{method} {name} lr {lr:g}", model, "pretrained", f"offline:{args.task}",
+                               method, opts, seed=0, lr=lr, **settings)
+                results[name, lr] = (res["val_acc"], res["test_acc"])
+            cells = ", ".join(f"{lr:g} → {v:.1f} / {t:.1f}" for (n, lr), (v, t) in results.items() if n == name)
+            lines.append(f"| {method} | {name or 'as configured'} | {cells} | |")
+        best = max(results, key=lambda k: results[k][0])  # ties go to the first (first option set, smaller rate)
+        lines[-1] = lines[-1][:-2] + f" {best[0] or 'as configured'}, lr {best[1]:g} |"
     print("\n" + "\n".join(lines))
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 from .backbones import EMBEDDED_NAME
 from .data.benchmarks import FGVC, VTAB
-from .experiment import run_experiment
+from .experiment import plan, run_experiment
 from .published import markdown as markdown_published
 
 MINI_TASKS = ("mnist", "dsprites_ori", "clevr_count")
@@ -62,16 +63,39 @@ def run_bench(suite: str, methods: list[str], seeds: list[int], out: Path, root:
     return rows
 
 
-def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method: str, **settings) -> dict:
+def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method: str,
+             method_opts: dict | None = None, **settings) -> dict:
     """One grid cell: the summary of a finished cell, else the run that finishes it (resuming its
-    checkpoint), so an interrupted grid continues where it stopped."""
+    checkpoint), so an interrupted grid continues where it stopped.  A finished cell is reused only if
+    it was run with what the cell would use now (a rate or option changed in ``configs/`` since, or
+    another ``--model``, is refused by name rather than mixed into the table)."""
     done = cell / "summary.json"
     if done.is_file():
         res = json.loads(done.read_text())
+        changed = changes(res, model, spec, method, method_opts, settings)
+        if changed:
+            raise ValueError(f"{cell} was run with {changed}; delete that folder to re-run it with the current "
+                             "settings, or pass another --output")
         print(f"{label}: done, {res['test_acc']:.2f}%")
         return res
     print(f"{label}: running", flush=True)
-    return run_experiment(model, weights, spec, cell, method, resume=True, verbose=False, progress=False, **settings)
+    return run_experiment(model, weights, spec, cell, method, method_opts, resume=True, verbose=False,
+                          progress=False, **settings)
+
+
+def changes(res: dict, model: str, spec: str, method: str, method_opts: dict | None, settings: dict) -> str:
+    """What a finished cell's summary.json recorded that differs from what the cell would use now
+    ('' when nothing): every training value, every method option, and the model and data."""
+    _, cfg, mcfg = plan(spec, method, method_opts, **settings)
+    now = {**cfg.settings(), **{f"method {k}": v for k, v in asdict(mcfg).items()},
+           "model": model, "data": spec}
+    recorded = res.get("settings", {})
+    was = {**{k: res["config"].get(k) for k in cfg.settings()},
+           **{f"method {k}": v for k, v in res.get("method_config", {}).items()},
+           "model": recorded.get("model", model), "data": recorded.get("data", spec)}
+    now, was = json.loads(json.dumps(now)), json.loads(json.dumps(was))  # tuples and lists compare alike
+    return ", ".join(f"{k}={was.get(k)!r} (now {now.get(k)!r})" for k in dict.fromkeys([*was, *now])
+                     if was.get(k) != now.get(k))
 
 
 def write_results(rows: list[dict], out: Path, suite: str) -> str:

@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("bench", help="task x method x seed grid, resumable, paper-shaped table")
     p.add_argument("--suite", choices=["mini", "vtab1k", "fgvc"], default="mini")
-    p.add_argument("--methods", default="linear,full,bitfit,ssf,lora,adapter,vpt,rlrr")
+    p.add_argument("--methods", default="linear,full,bitfit,ssf,lora,adapter,vpt,rlrr,rlrr+pace,hta,apla",
+                   help="comma-separated; peft tuners as peft:<tuner> (needs the peft group)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--root", help="folder with the suite's task folders (vtab1k, fgvc)")
     p.add_argument("--model", default=None, help="backbone (default: the suite's)")

@@ -36,3 +36,12 @@ def task_config(data: str, config: str | Path | None = None) -> dict:
 def method_lr(task: dict, method: str) -> float | None:
     """A method's own learning rate for a task, when the config gives one."""
     return (task.get("method_lr") or {}).get(method)
+
+
+def method_opts(task: dict, method: str) -> dict:
+    """A method's own options for a task (``method_opts: {rlrr+pace: {sigma: 0.3}}``), tuned like its
+    rate so a bench cell and a plain ``rlrr train`` on that task use the same ones; {} when none."""
+    opts = (task.get("method_opts") or {}).get(method) or {}
+    if not isinstance(opts, dict):
+        raise ValueError(f"method_opts.{method} in the task config must be a mapping (key: value), not {opts!r}")
+    return opts

@@ -14,10 +14,25 @@ import torch
 from timm.data import resolve_data_config
 
 from .backbones import check_input_size, create_backbone, fingerprint, set_num_classes
-from .config import method_lr, task_config
+from .config import method_lr, method_opts as task_method_opts, task_config
 from .data import build_data
 from .engine.trainer import TrainConfig, Trainer
 from .methods.base import apply, format_summary, make_config, summary
+
+
+def plan(data: str, method: str, method_opts: dict[str, Any] | None = None, config: str | None = None,
+         **train_overrides: Any) -> tuple[dict, TrainConfig, Any]:
+    """The task config, training config and method config a run would use, without building anything:
+    what ``rlrr bench`` compares a finished cell against before reusing it."""
+    task = task_config(data, config)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(train_overrides) - known
+    if unknown:
+        raise TypeError(f"unknown training option(s) {sorted(unknown)}")
+    lr = method_lr(task, method)
+    cfg = TrainConfig(**{**task.get("train", {}), **({"lr": lr} if lr else {}),
+                         **{k: v for k, v in train_overrides.items() if v is not None}})
+    return task, cfg, make_config(method, **{**task_method_opts(task, method), **(method_opts or {})})
 
 
 def run_experiment(model: str, weights: str | None, data: str, output: str | Path, method: str = "rlrr",
@@ -28,17 +43,11 @@ def run_experiment(model: str, weights: str | None, data: str, output: str | Pat
     """Train and test one (model, data, method); returns the summary dict also written to summary.json.
 
     Precedence: explicit ``train_overrides`` > the method's rate in the task config > the task config >
-    ``TrainConfig`` defaults.  ``resume`` continues a run with the same settings (checked: model, backbone
-    fingerprint, data, method and options, every training value); ``overwrite`` replaces a run in ``output``.
+    ``TrainConfig`` defaults; explicit ``method_opts`` > the method's options in the task config.
+    ``resume`` continues a run with the same settings (checked: model, backbone fingerprint, data, method
+    and options, every training value); ``overwrite`` replaces a run in ``output``.
     """
-    task = task_config(data, config)
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = set(train_overrides) - known
-    if unknown:
-        raise TypeError(f"unknown training option(s) {sorted(unknown)}")
-    lr = method_lr(task, method)
-    cfg = TrainConfig(**{**task.get("train", {}), **({"lr": lr} if lr else {}),
-                         **{k: v for k, v in train_overrides.items() if v is not None}})
+    task, cfg, mcfg = plan(data, method, method_opts, config, **train_overrides)
     num_classes = num_classes or task.get("num_classes")
     drop_path = task.get("drop_path", 0.0) if drop_path is None else drop_path
     kw = {"drop_path_rate": drop_path} if drop_path else {}
@@ -51,7 +60,6 @@ def run_experiment(model: str, weights: str | None, data: str, output: str | Pat
                         skip_bad_images, num_classes)
     if num_classes is None:
         set_num_classes(base, splits.num_classes)
-    mcfg = make_config(method, **(method_opts or {}))
     base.backbone_fingerprint = fingerprint(base)  # once; every copy the trainer makes inherits it
     settings = {"model": model, "backbone_fingerprint": base.backbone_fingerprint, "data": data, "method": method,
                 "method_options": dataclasses.asdict(mcfg), "num_classes": splits.num_classes,

@@ -1,7 +1,10 @@
 """The benchmark runner: a CI-sized mini suite, resumability, the paper-shaped table."""
 import json
 
+import pytest
+
 from rlrr.bench import markdown_table, run_bench
+from rlrr.experiment import plan
 
 
 def test_smoke_suite_and_resume(tmp_path, capsys):
@@ -18,6 +21,26 @@ def test_smoke_suite_and_resume(tmp_path, capsys):
     assert "| linear |" in md and "| bitfit |" in md and "protocol: val" in md
     assert (out / "accuracy_vs_params.png").stat().st_size > 1000
     assert json.loads(done.read_text())["test_acc"] > 0
+    # a finished cell is never reused for other settings: the bench names what changed
+    with pytest.raises(ValueError, match=r"seed0 was run with epochs=1 \(now 2\).*delete that folder"):
+        run_bench("mini", ["linear"], [0], out, smoke=True, epochs=2)
+    with pytest.raises(ValueError, match=r"model='vit_pico_patch4_32' \(now 'vit_tiny_patch16_224'\)"):
+        run_bench("mini", ["linear"], [0], out, model="vit_tiny_patch16_224", smoke=True)
+    assert done.stat().st_mtime_ns == stamp
+
+
+def test_task_config_gives_method_options_and_explicit_ones_win(tmp_path):
+    cfg = tmp_path / "task.yaml"
+    cfg.write_text("method_lr: {rlrr+pace: 0.02}\nmethod_opts: {rlrr+pace: {sigma: 0.3, lambda: 0.5}}\n")
+    _, train, pace = plan("offline:mnist", "rlrr+pace", None, str(cfg))
+    assert (train.lr, pace.sigma, pace.lam) == (0.02, 0.3, 0.5)
+    _, _, pace = plan("offline:mnist", "rlrr+pace", {"sigma": 0.1}, str(cfg))
+    assert (pace.sigma, pace.lam) == (0.1, 0.5)  # per key: the explicit sigma, the config's lambda
+    _, _, rlrr = plan("offline:mnist", "rlrr", None, str(cfg))  # options belong to the method they name
+    assert not hasattr(rlrr, "sigma")
+    cfg.write_text("method_opts: {rlrr+pace: 0.3}\n")
+    with pytest.raises(ValueError, match="method_opts.rlrr\\+pace .* must be a mapping"):
+        plan("offline:mnist", "rlrr+pace", None, str(cfg))
 
 
 def test_table_means_and_std_over_seeds():

@@ -315,7 +315,8 @@ class Trainer:
                                 "test": "best test epoch (official practice)"}[cfg.protocol],
                   "selected_epoch": st["best"]["epoch"], "val_acc": st["best"]["acc"] if cfg.protocol != "test" else None,
                   "test_acc": test["acc"], "train_wall_s": round(st["wall_s"], 1), "world_size": self.world,
-                  **summary(plain), "method_config": _method_config(plain), "config": asdict(cfg)}
+                  **summary(plain), "method_config": _method_config(plain), "config": asdict(cfg),
+                  "settings": st["settings"]}
         if self.rank == 0:
             from .report import plot_history
             with self.writing():
