@@ -81,12 +81,13 @@ def test_apla_trains_only_r_rows_even_under_weight_decay():
             assert not changed.any(), name
 
 
-def test_pace_without_noise_and_consistency_is_the_plain_step():
+@pytest.mark.parametrize("inner", ["rlrr", "lora", "ssf", "adapter"])
+def test_pace_without_noise_and_consistency_is_the_plain_step(inner):
     model_a, x, *_ = tiny("vit")
     model_b, *_ = tiny("vit")
     y = torch.tensor([1, 3])
     results = []
-    for model, cfg in ((model_a, rlrr.make_config("rlrr")), (model_b, rlrr.make_config("rlrr+pace", sigma=0, lam=0))):
+    for model, cfg in ((model_a, rlrr.make_config(inner)), (model_b, rlrr.make_config(f"{inner}+pace", sigma=0, lam=0))):
         torch.manual_seed(0)
         model = rlrr.apply(model, cfg).train()
         opt = torch.optim.AdamW([p for _, p in rlrr.trainable_parameters(model)], lr=1e-2)
