@@ -33,6 +33,19 @@ def test_discovery_reproduces_the_hand_written_families(family):
     assert found.qkv == ("fused" if family == "swin" else "split")
 
 
+def test_discovery_runs_one_forward_per_module_tree():
+    import copy
+    model, *_ = tiny("vit")
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    found = discover(model)
+    assert discover(model) is found and discover(copy.deepcopy(model)) == found and len(calls) == 1
+    model.head = nn.Identity()  # another tree: discovered again, without the head's change leaking in
+    assert discover(model).targets == found.targets and len(calls) == 2
+    adapted = rlrr.apply(copy.deepcopy(model), rlrr.make_config("lora"))
+    assert discover(adapted) != discover(model)
+
+
 def test_swin_patch_merging_is_a_transition_rescaled_on_request():
     model, *_ = tiny("swin")
     assert discover(model).transitions == ("layers.1.downsample.reduction",)

@@ -178,7 +178,19 @@ def _own_norms(block: nn.Module) -> list[str]:
 
 
 def discover(model: nn.Module) -> Structure:
-    """Blocks, targets, norms and transitions of ``model`` by the rule in the module docstring."""
+    """Blocks, targets, norms and transitions of ``model`` by the rule in the module docstring.
+
+    Kept on the model, keyed by its module tree (every name and class), so the per-phase copies the
+    trainer makes and the several methods that ask reuse one dummy forward; a changed tree (a method
+    applied, a head replaced) is discovered again."""
+    tree = tuple((n, type(m)) for n, m in model.named_modules())
+    kept = model.__dict__.get("_rlrr_structure")
+    if kept is None or kept[0] != tree:
+        kept = model.__dict__["_rlrr_structure"] = (tree, _discover(model))
+    return kept[1]
+
+
+def _discover(model: nn.Module) -> Structure:
     order = call_order(model)
     names = {n: i for i, (n, _) in enumerate(model.named_modules())}
     rank = (lambda n: order.get(n, -1)) if order is not None else names.get
