@@ -85,17 +85,23 @@ def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method
 
 def changes(res: dict, model: str, spec: str, method: str, method_opts: dict | None, settings: dict) -> str:
     """What a finished cell's summary.json recorded that differs from what the cell would use now
-    ('' when nothing): every training value, every method option, and the model and data."""
+    ('' when nothing): every training value, every method option, and the model and data.  A value the
+    record lacks belongs to an option added since, whose default keeps the old behaviour: not a change."""
     _, cfg, mcfg = plan(spec, method, method_opts, **settings)
-    now = {**cfg.settings(), **{f"method {k}": v for k, v in asdict(mcfg).items()},
-           "model": model, "data": spec}
     recorded = res.get("settings", {})
-    was = {**{k: res["config"].get(k) for k in cfg.settings()},
-           **{f"method {k}": v for k, v in res.get("method_config", {}).items()},
-           "model": recorded.get("model", model), "data": recorded.get("data", spec)}
-    now, was = json.loads(json.dumps(now)), json.loads(json.dumps(was))  # tuples and lists compare alike
-    return ", ".join(f"{k}={was.get(k)!r} (now {now.get(k)!r})" for k in dict.fromkeys([*was, *now])
-                     if was.get(k) != now.get(k))
+    now = flat({**cfg.settings(), "method": asdict(mcfg), "model": model, "data": spec})
+    was = flat({**{k: v for k, v in res["config"].items() if k in cfg.settings()},
+                "method": res.get("method_config", {}), "model": recorded.get("model", model),
+                "data": recorded.get("data", spec)})
+    return ", ".join(f"{k}={v!r} (now {now.get(k)!r})" for k, v in was.items() if v != now.get(k))
+
+
+def flat(values: dict, prefix: str = "") -> dict:
+    """Nested option dicts as one level of dotted keys, JSON-normalised (tuples and lists compare alike)."""
+    out = {}
+    for k, v in json.loads(json.dumps(values)).items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
 
 
 def write_results(rows: list[dict], out: Path, suite: str) -> str:

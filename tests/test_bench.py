@@ -27,6 +27,12 @@ def test_smoke_suite_and_resume(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"model='vit_pico_patch4_32' \(now 'vit_tiny_patch16_224'\)"):
         run_bench("mini", ["linear"], [0], out, model="vit_tiny_patch16_224", smoke=True)
     assert done.stat().st_mtime_ns == stamp
+    # a value the record lacks is an option added since (its default keeps the old behaviour): reused
+    res = json.loads(done.read_text())
+    del res["config"]["label_smoothing"]
+    done.write_text(json.dumps(res))
+    run_bench("mini", ["linear"], [0], out, smoke=True)
+    assert "mnist linear seed 0: done" in capsys.readouterr().out
 
 
 def test_task_config_gives_method_options_and_explicit_ones_win(tmp_path):

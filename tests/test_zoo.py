@@ -1,4 +1,6 @@
 """The methods after RLRR (PACE, HTA, APLA) and peft's tuners behind the same interface."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -104,10 +106,16 @@ def test_pace_noise_schedule_training_only_and_shared_drop_path():
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3,
                               num_classes=5, drop_path_rate=0.5)
     x = torch.randn(2, 3, 32, 32)
+    plain = copy.deepcopy(model)
     model = rlrr.apply(model, rlrr.make_config("rlrr+pace", sigma=2.0, lam=0.5))
     sigmas = {n.split(".")[1]: m.pace_sigma for n, m in model.named_modules() if n.startswith("blocks.")
               and hasattr(m, "pace_sigma")}
     assert sigmas == {"0": 2.0, "1": 1.5, "2": 1.0, "3": 0.5}  # σ·(L − i)/L
+    quiet = rlrr.apply(copy.deepcopy(plain), rlrr.make_config("rlrr+pace", sigma=3.0, quiet_blocks=1))
+    assert {n.split(".")[1]: m.pace_sigma for n, m in quiet.named_modules() if n.startswith("blocks.")
+            and hasattr(m, "pace_sigma")} == {"0": 0.0, "1": 3.0, "2": 2.0, "3": 1.0}  # the official ViT-B
+    with pytest.raises(ValueError, match="quiet_blocks=4 leaves none of the model's 4 blocks noisy"):
+        rlrr.apply(copy.deepcopy(plain), rlrr.make_config("rlrr+pace", quiet_blocks=4))
     assert all(m.pace_sigma == 0 for n, m in model.named_modules() if hasattr(m, "pace_sigma")
                and not n.startswith("blocks."))
     model.eval()

@@ -4,16 +4,18 @@ output plus a residual, ``h(x) = h0(x) + Δh(x)`` — RLRR, LoRA, SSF, AdaptForm
 * Training forward: ``h(x) = h0(x) + z ⊙ Δh(x)``, z ~ N(1, σ_l²) drawn per sample and output channel
   (shared across tokens / pixels), no gradient through z.  Eval: no noise.
 * σ_l falls linearly with depth over the model's L discovered blocks: block i (0-based) gets
-  σ·(L − i)/L, so the first block gets σ and the last σ/L; layers outside blocks (stem, final norm)
-  get none.  (The paper's code gives block 0 none and the head the smallest σ; our head is trained
-  in full, with no frozen part to perturb around, so it gets none — our choice.)
+  σ·(L − i)/(L − q) after q quiet blocks that get none (``quiet_blocks``, default 0), so the first
+  noisy block gets σ and the last σ/(L − q); layers outside blocks (stem, final norm) get none.  The
+  official code counts the head as one more block with the smallest σ, and leaves ViT-B's first block
+  quiet ("works better"): ``quiet_blocks=1``.  Our head is trained in full, with no frozen part to
+  perturb around, so it gets no noise — our choice.
 * Objective: the batch runs twice with independent noise (concatenated into one forward),
   ``CE(logits₁, y) + λ · mean_batch ‖logits₁ − logits₂‖²``; DropPath draws one mask per sample and
   uses it for both copies.  λ = 0 runs one copy (the plain objective).
 * Merges exactly when the wrapped method merges (the noise is training-only; nothing to fold).
 
-Use: method ``<name>+pace`` (``rlrr+pace``) with options ``sigma`` and ``lambda``; CLI
-``--method rlrr --pace sigma=1,lambda=0.1``.
+Use: method ``<name>+pace`` (``rlrr+pace``) with options ``sigma``, ``lambda`` and ``quiet_blocks``;
+CLI ``--method rlrr --pace sigma=1,lambda=0.1``.
 """
 from __future__ import annotations
 
@@ -27,16 +29,17 @@ from torch import nn
 from ..backbones.discover import discover
 from .base import Method, cross_entropy
 
-PACE_KEYS = {"sigma": "sigma", "lambda": "lam", "lam": "lam"}
+PACE_KEYS = {"sigma": "sigma", "lambda": "lam", "lam": "lam", "quiet_blocks": "quiet_blocks"}
 
 
 @dataclass
 class PaceConfig:
-    """sigma: noise scale of the first block; lam: weight of the consistency term; inner: the wrapped
-    method's config."""
+    """sigma: noise scale of the first noisy block; lam: weight of the consistency term;
+    quiet_blocks: leading blocks without noise; inner: the wrapped method's config."""
     inner: Any = None
     sigma: float = 1.0
     lam: float = 0.1
+    quiet_blocks: int = 0
 
     @property
     def method(self) -> str:
@@ -45,6 +48,8 @@ class PaceConfig:
     def __post_init__(self) -> None:
         if not (self.sigma >= 0 and self.lam >= 0):
             raise ValueError(f"PACE sigma and lambda must be 0 or more, not {self.sigma}, {self.lam}")
+        if not (isinstance(self.quiet_blocks, int) and self.quiet_blocks >= 0):
+            raise ValueError(f"PACE quiet_blocks must be a whole number 0 or more, not {self.quiet_blocks!r}")
 
 
 class PaceObjective:
@@ -98,10 +103,12 @@ def apply_pace(model: nn.Module, cfg: PaceConfig, inner: Method) -> nn.Module:
     if not sites:
         raise ValueError(f"PACE needs a method whose layers are a frozen output plus a residual (rlrr, lora, ssf, "
                          f"adapter, hta), not {inner.name}")
-    depth = len(blocks)
+    depth, quiet = len(blocks), cfg.quiet_blocks
+    if quiet >= depth:
+        raise ValueError(f"PACE quiet_blocks={quiet} leaves none of the model's {depth} blocks noisy; use fewer")
     for name, module in sites:
         i = next((k for k, b in enumerate(blocks) if name.startswith(b + ".")), None)
-        module.pace_sigma = 0.0 if i is None else cfg.sigma * (depth - i) / depth
+        module.pace_sigma = 0.0 if i is None or i < quiet else cfg.sigma * (depth - i) / (depth - quiet)
         module.register_forward_hook(residual_noise(module.pace_sigma))
     for m in model.modules():
         if type(m).__name__ == "DropPath":
