@@ -76,8 +76,9 @@ def main() -> None:
             name = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in opts.items())
             for lr in lrs:
                 cell = args.output / args.task / method / (f"lr{lr:g}" + (f"-{name}" if name else ""))
-                res = run_cell(cell, f"{method} {name} lr {lr:g}", model, "pretrained", f"offline:{args.task}",
-                               method, opts, seed=0, lr=lr, **settings)
+                label = " ".join(filter(None, (method, name, f"lr {lr:g}")))
+                res = run_cell(cell, label, model, "pretrained", f"offline:{args.task}", method, opts, seed=0,
+                               lr=lr, **settings)
                 results[name, lr] = (res["val_acc"], res["test_acc"])
             cells = ", ".join(f"{lr:g} → {v:.1f} / {t:.1f}" for (n, lr), (v, t) in results.items() if n == name)
             lines.append(f"| {method} | {name or 'as configured'} | {cells} | |")

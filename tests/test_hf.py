@@ -99,6 +99,29 @@ def test_every_harness_method_on_hf(kind, tmp_path):
                 assert rel(rlrr.merge(model)(x).logits, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_methods_after_rlrr_on_hf(kind, tmp_path):
+    """HTA, APLA, PACE and peft's tuners (linears and norms) train and merge back into the plain
+    transformers class, or refuse in one line where a model has no attention maps."""
+    pytest.importorskip("peft")
+    name = checkpoint(kind, tmp_path / "ckpt")
+    x = batch()
+    for method in ("hta", "apla", "rlrr+pace", "peft:lora", "peft:ln_tuning"):
+        model = rlrr.create_backbone(name).eval()
+        cls = type(model)
+        if kind == "convnext" and method in ("hta", "apla"):
+            with pytest.raises(ValueError) as e:
+                rlrr.apply(model, rlrr.make_config(method))
+            assert "\n" not in str(e.value)
+            continue
+        model = rlrr.apply(model, rlrr.make_config(method))
+        step(model, x)
+        with torch.no_grad():
+            ref = model(x).logits
+            merged = rlrr.merge(model)
+            assert type(merged) is cls and rel(merged(x).logits, ref) <= 1e-5
+
+
 def test_hf_vit_base_discovers_the_paper_layers_and_count():
     """HF's ViT-B/16 layout (separate q/k/v, layernorm_before/after) gets exactly timm ViT-B's 288,768."""
     model = T.ViTForImageClassification(T.ViTConfig(num_labels=100))

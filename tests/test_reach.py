@@ -129,9 +129,15 @@ def test_rlrr_reaches_every_architecture(name, tmp_path):
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_every_harness_method_applies_or_says_why(name):
     _, extra = ARCHS[name]
-    for method in ("ssf", "bitfit", "lora", "adapter", "vpt"):
+    # the methods after RLRR: HTA and APLA need attention maps, peft's tuners nn.Linear layers (LeViT's
+    # convolution-free attention has them), PACE goes wherever its inner method does
+    later = {"rlrr+pace"} | ({"hta", "apla", "peft:lora"} if extra else set()) | \
+        ({"peft:lora"} if name == "levit_128s" else set())
+    for method in ("ssf", "bitfit", "lora", "adapter", "vpt", "hta", "apla", "rlrr+pace", "peft:lora"):
+        if method.startswith("peft:"):
+            pytest.importorskip("peft")
         model, x = build(name)
-        if method not in extra | {"ssf", "bitfit"}:
+        if method not in extra | later | {"ssf", "bitfit"}:
             with pytest.raises(ValueError) as e:
                 rlrr.apply(model, rlrr.make_config(method))
             assert "\n" not in str(e.value)
@@ -140,7 +146,7 @@ def test_every_harness_method_applies_or_says_why(name):
         one_step(model, x)
         with torch.no_grad():
             ref = model(x)
-            if method in ("ssf", "bitfit", "lora"):
+            if method not in ("adapter", "vpt"):
                 assert rel(rlrr.merge(model)(x), ref) <= 1e-5
 
 

@@ -1,23 +1,35 @@
 """HF peft's tuners as rivals: method ``peft:<tuner>`` (``peft:lora``, ``peft:vera``, ``peft:boft``, ...).
 
 The tuner's config fields come as options (``--method-opt r=8``); its targets default to the backbone's
-discovered block linears (IA3's feed-forward set to the MLP output layers).  peft wraps the model in a
-``PeftModel`` (the trainer calls it like the backbone); parameters count through the same summary (peft
-layers name their adapter tensors in ``adapter_layer_names``), adapters save and load through the
-project's adapter files, and ``merge`` is peft's own ``merge_and_unload`` back to the plain model.
+discovered block linears (IA3's feed-forward set to the MLP output layers; LN tuning targets the norms).
+peft wraps the model in a ``PeftModel`` (the trainer calls it like the backbone); parameters count
+through the same summary (peft layers name their adapter tensors in ``adapter_layer_names``), adapters
+save and load through the project's adapter files, and ``merge`` is peft's own ``merge_and_unload``
+back to the plain model.
 RLRR itself is not a peft tuner: peft's ``register_peft_method`` only accepts names already in its
 closed ``PeftType`` enum, and we do not patch it (the way into peft is upstream).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
 from torch import nn
 
-from ..backbones.discover import ROLES, classifier_modules, discover
+from ..backbones.discover import ROLES, classifier_modules, discover, is_norm
 from .base import Method, MergeError
 
 PREFIX = "peft:"
 ALIASES = {"dora": ("lora", {"use_dora": True})}  # tuners that are options of another
+NORM_TUNERS = {"ln_tuning"}  # tuners that adapt the norms, not the linears
+
+# Tuners verified on timm and HF vision models (tests/test_zoo.py: apply, one step, adapter round trip,
+# merge where peft merges); benchmarks/peft_tuners.py prints their ViT-B/16 counts for the README.
+# Left out, and why, in the README: prompt/prefix tuners and X-LoRA, Poly, AdaLoRA, Shadow, tokens.
+VERIFIED = ("lora", "dora", "vera", "boft", "oft", "hra", "fourierft", "loha", "lokr", "ia3", "glora", "adamss",
+            "beft", "c3a", "deft", "delora", "frod", "gralora", "hira", "lily", "ln_tuning", "miss", "osf",
+            "peanut", "psoft", "pvera", "randlora", "road", "shira", "supertuning", "tinylora", "unilora",
+            "vblora", "waveft")
 
 
 @dataclass
@@ -51,8 +63,16 @@ def peft_config(model: nn.Module, cfg: PeftMethodConfig):
         raise ValueError(f"peft has no tuner {cfg.tuner!r}; choose one of "
                          f"{', '.join(t.value.lower() for t in peft.PeftType)}") from None
     opts = {**preset, **cfg.options}
-    linears = [n for n in discover(model).targets if isinstance(model.get_submodule(n), nn.Linear)]
-    opts.setdefault("target_modules", linears)
+    found = discover(model)
+    if name.lower() in NORM_TUNERS:
+        norms = [n for n in found.norms if is_norm(model.get_submodule(n))]
+        # a regex, matched whole: peft reads a name list by suffix, and the final "norm" would also
+        # catch every attention's parameter-free `.norm` placeholder
+        opts.setdefault("target_modules", "|".join(map(re.escape, norms)))
+    opts.setdefault("target_modules", [n for n in found.targets if isinstance(model.get_submodule(n), nn.Linear)])
+    if not opts["target_modules"]:
+        raise ValueError(f"peft {name} found no nn.Linear in {type(model).__name__}'s blocks (its weight layers are "
+                         "convolutions); pass target_modules=... naming layers this tuner supports")
     if "feedforward_modules" in cls.__dataclass_fields__ and "feedforward_modules" not in cfg.options:
         opts["feedforward_modules"] = [n for n in opts["target_modules"] if ROLES.get(n.rsplit(".", 1)[-1]) == "fc2"]
     try:
@@ -63,9 +83,9 @@ def peft_config(model: nn.Module, cfg: PeftMethodConfig):
 
 def apply_peft(model: nn.Module, cfg: PeftMethodConfig) -> nn.Module:
     peft = _peft()
-    heads = classifier_modules(model)
+    heads, config = classifier_modules(model), peft_config(model, cfg)
     try:
-        wrapped = peft.get_peft_model(model, peft_config(model, cfg))
+        wrapped = peft.get_peft_model(model, config)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise ValueError(f"peft {cfg.tuner} does not fit {type(model).__name__}: {str(e).splitlines()[0]}") from None
     for head in heads if cfg.train_head else []:
