@@ -24,3 +24,14 @@ def tiny(family: str, num_classes: int = 5, seed: int = 0) -> tuple[torch.nn.Mod
 @pytest.fixture
 def tiny_model():
     return tiny
+
+
+def applied(model: torch.nn.Module, method: str, fits: bool) -> torch.nn.Module | None:
+    """``model`` with ``method`` applied when it fits; else None, once the refusal is checked to be one line."""
+    import rlrr
+    if fits:
+        return rlrr.apply(model, rlrr.make_config(method))
+    with pytest.raises(ValueError) as e:
+        rlrr.apply(model, rlrr.make_config(method))
+    assert "\n" not in str(e.value)
+    return None
