@@ -98,8 +98,10 @@ def changes(res: dict, model: str, spec: str, method: str, method_opts: dict | N
 
 def flat(values: dict, prefix: str = "") -> dict:
     """Nested option dicts as one level of dotted keys, JSON-normalised (tuples and lists compare alike)."""
+    if not prefix:
+        values = json.loads(json.dumps(values))  # once, at the top: nested dicts are already plain
     out = {}
-    for k, v in json.loads(json.dumps(values)).items():
+    for k, v in values.items():
         out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
     return out
 

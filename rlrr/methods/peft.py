@@ -68,10 +68,13 @@ def peft_config(model: nn.Module, cfg: PeftMethodConfig):
         norms = [n for n in found.norms if is_norm(model.get_submodule(n))]
         # a regex, matched whole: peft reads a name list by suffix, and the final "norm" would also
         # catch every attention's parameter-free `.norm` placeholder
-        opts.setdefault("target_modules", "|".join(map(re.escape, norms)))
-    opts.setdefault("target_modules", [n for n in found.targets if isinstance(model.get_submodule(n), nn.Linear)])
+        default, missing = "|".join(map(re.escape, norms)), "norm with an affine weight and bias"
+    else:
+        default = [n for n in found.targets if isinstance(model.get_submodule(n), nn.Linear)]
+        missing = "nn.Linear"
+    opts.setdefault("target_modules", default)
     if not opts["target_modules"]:
-        raise ValueError(f"peft {name} found no nn.Linear in {type(model).__name__}'s blocks (its weight layers are "
+        raise ValueError(f"peft {name} found no {missing} in {type(model).__name__}'s blocks (its weight layers are "
                          "convolutions); pass target_modules=... naming layers this tuner supports")
     if "feedforward_modules" in cls.__dataclass_fields__ and "feedforward_modules" not in cfg.options:
         opts["feedforward_modules"] = [n for n in opts["target_modules"] if ROLES.get(n.rsplit(".", 1)[-1]) == "fc2"]
