@@ -122,7 +122,7 @@ def test_rescale_after_layernorm_is_the_formula_and_keeps_no_activation():
     torch.nn.init.normal_(norm.weight, 1.0, 0.1)
     torch.nn.init.normal_(norm.bias, 0.0, 0.1)
     fr = FeatureRescale(norm, std=0.1)
-    assert fr.folds
+    assert fr.affine == ("weight", "bias")
     x = torch.randn(3, 5, 16, requires_grad=True)
     y = fr(x)
     y_ref = norm(x) * fr.scale + fr.shift

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .hf import config_input_size
+
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 # What a linear does, by its leaf name (timm, HF ViT/Swin/DINOv2/CLIP/ConvNeXt, older HF names):
@@ -36,6 +38,22 @@ CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 ROLES = {"qkv": "qkv", "q": "q", "query": "q", "q_proj": "q", "k": "k", "key": "k", "k_proj": "k",
          "v": "v", "value": "v", "v_proj": "v", "proj": "proj", "o_proj": "proj", "out_proj": "proj",
          "fc1": "fc1", "pwconv1": "fc1", "fc2": "fc2", "pwconv2": "fc2"}
+
+
+
+def role(name: str) -> str | None:
+    """What a linear does, from its module name: ``ROLES`` by leaf name, and the BERT-style ``dense`` of
+    HF Data2Vec / Swin V2 / DonutSwin / MobileViT by its parent (``attention.output.dense``: proj,
+    ``intermediate.dense``: fc1, ``output.dense``: fc2)."""
+    parts = name.split(".")
+    if parts[-1] != "dense" or len(parts) < 2:
+        return ROLES.get(parts[-1])
+    if parts[-2] == "intermediate":
+        return "fc1"
+    if parts[-2] == "output":
+        return "proj" if len(parts) > 2 and "attention" in parts[-3] else "fc2"
+    return None
+
 
 # The official RLRR Swin code shares one s_r over a fused qkv; everywhere else q, k, v are three maps.
 FUSED_QKV_CLASSES = ("SwinTransformer", "SwinTransformerV2")
@@ -56,22 +74,67 @@ class Structure:
     order: tuple[str, ...]  # every module called in the dummy forward, in call order (registration order if none)
 
 
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """A Conv2d's padding as sizes: ``"valid"`` is 0 and ``"same"`` at stride 1 with an even
+    ``dilation·(k-1)`` is the plain symmetric padding (HF EfficientNet's 1×1 convs); None when "same" is
+    asymmetric, which an explicit size cannot express."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    span = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    return tuple(s // 2 for s in span) if all(s % 2 == 0 for s in span) else None
+
+
 def is_weight_layer(m: nn.Module) -> bool:
     """A plain Linear or zero-padded Conv2d (subclasses with their own forward, e.g. ``Conv2dSame``,
     or ``nn.MultiheadAttention``'s out_proj, are read by weight elsewhere and cannot be wrapped)."""
     if type(m) is nn.Linear:
         return True
-    return type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    return type(m) is nn.Conv2d and m.padding_mode == "zeros" and conv_padding(m) is not None
+
+
+# A norm's per-channel affine, (scale, shift) by parameter name: torch/timm/HF norms, ResMLP's Affine.
+AFFINE_NAMES = (("weight", "bias"), ("alpha", "beta"), ("gamma", "beta"))
+
+
+def affine_of(m: nn.Module) -> tuple[str, str | None] | None:
+    """Names of a norm's per-channel ``(scale, shift)`` parameters, shift None for a norm without one
+    (RMSNorm, ``LayerNormNoBias``); None when ``m`` is no norm with a per-channel affine (what a rescale
+    folds into).  A norm is a normalisation class or one named like it ("norm", "affine")."""
+    kinds = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
+    name = type(m).__name__.lower()
+    if not (isinstance(m, kinds) or "norm" in name or "affine" in name):
+        return None
+    own = dict(m.named_parameters(recurse=False))
+    for scale, shift in AFFINE_NAMES:
+        w, b = own.get(scale), own.get(shift)
+        if w is None or w.numel() != max(w.shape, default=0) or (b is not None and b.shape != w.shape):
+            continue  # not a per-channel vector (a 1-element or matrix parameter)
+        if set(own) == {scale} | ({shift} if b is not None else set()):
+            return scale, (shift if b is not None else None)
+    return None
 
 
 def is_norm(m: nn.Module) -> bool:
-    """A normalisation layer with a per-channel affine weight and bias (what a rescale folds into)."""
-    kinds = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
-    if not (isinstance(m, kinds) or "norm" in type(m).__name__.lower()):
-        return False
-    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-    return (isinstance(w, nn.Parameter) and isinstance(b, nn.Parameter) and w.ndim == 1 and w.shape == b.shape
-            and not any(True for _ in m.parameters(recurse=False) if _ is not w and _ is not b))
+    """A normalisation layer with a per-channel affine scale (and maybe shift): see ``affine_of``."""
+    return affine_of(m) is not None
+
+
+def affine_is_last(m: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether the affine is the norm's last operation (doubling scale and shift doubles the output), so
+    that ``γ·norm(x) + β`` folds into it.  ConvNeXt-V2's GlobalResponseNorm adds its input back after
+    its affine (``x + w·GRN(x) + b``): a rescale folded there would not be the documented formula."""
+    scale, shift = affine_of(m)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(getattr(m, scale))
+    twice = {n: 2 * getattr(m, n) for n in (scale, shift) if n}
+    was = m.training
+    try:
+        with torch.no_grad():  # in eval mode: a BatchNorm's running statistics must not move
+            y, y2 = m.eval()(x), torch.func.functional_call(m, twice, (x,))
+    finally:
+        m.train(was)
+    return bool(torch.allclose(y2, 2 * y, rtol=1e-4, atol=1e-5))
 
 
 def classifier_modules(model: nn.Module) -> list[nn.Module]:
@@ -93,10 +156,7 @@ def example_input(model: nn.Module) -> torch.Tensor | None:
         size = (size[0], *built)
     config = getattr(model, "config", None)
     if size is None and config is not None:
-        vision = getattr(config, "vision_config", None) or config
-        side = getattr(vision, "image_size", None)
-        side = side if isinstance(side, (tuple, list)) else (side or 224, side or 224)
-        size = (getattr(vision, "num_channels", 3), *side)
+        size = config_input_size(config)
     if size is None:
         return None
     p = next(model.parameters(), None)
@@ -104,48 +164,84 @@ def example_input(model: nn.Module) -> torch.Tensor | None:
     return torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(**like)
 
 
-def call_order(model: nn.Module) -> dict[str, int] | None:
-    """Module name -> index of its first call in one no-grad eval forward; None if it cannot run."""
+@dataclass(frozen=True)
+class Trace:
+    """What one dummy forward shows: each module's first call (order), the input shape of each module,
+    and the modules whose output never reaches the logits (SigLIP's unused pooling head)."""
+    order: dict[str, int]
+    shapes: dict[str, tuple[int, ...]]
+    unused: frozenset[str]
+
+
+def _first_tensor(out) -> torch.Tensor | None:
+    """A module's main output: the tensor, or the first tensor of a tuple / HF output object."""
+    if isinstance(out, torch.Tensor):
+        return out
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return next((t for t in items if isinstance(t, torch.Tensor)), None)
+
+
+def trace(model: nn.Module) -> Trace | None:
+    """One eval forward (with gradients, to see what reaches the logits) of the example input; None when
+    the input size is unknown or the forward fails."""
+    from .hf import logits_of
     x = example_input(model)
     if x is None:
         return None
     order: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    outs: dict[str, torch.Tensor] = {}
 
-    def seen(name: str):
-        def hook(_module, _args) -> None:  # a pre-hook that returned a value would replace the input
+    def pre(name: str):
+        def hook(_module, args) -> None:  # a pre-hook that returned a value would replace the input
             order.setdefault(name, len(order))
+            if name not in shapes and args and isinstance(args[0], torch.Tensor):
+                shapes[name] = tuple(args[0].shape)
         return hook
 
-    hooks = [m.register_forward_pre_hook(seen(n)) for n, m in model.named_modules()]
+    def post(name: str):
+        def hook(_module, _args, out) -> None:
+            t = _first_tensor(out)
+            if t is not None and t.requires_grad:
+                outs.setdefault(name, t)
+        return hook
+
+    hooks = [h for n, m in model.named_modules()
+             for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
     was = model.training
     try:
-        with torch.no_grad():
-            model.eval()(x)
+        with torch.enable_grad():
+            logits = logits_of(model.eval()(x.requires_grad_() * 1))  # not a leaf: in-place ops stay legal
+            names = [n for n in outs if n]
+            grads = torch.autograd.grad(logits.float().sum(), [outs[n] for n in names], allow_unused=True) \
+                if names and logits.requires_grad else [0] * len(names)
     except Exception:  # noqa: BLE001 - any failure just means: fall back to registration order
         return None
     finally:
         for h in hooks:
             h.remove()
         model.train(was)
-    return order
+    return Trace(order, shapes, frozenset(n for n, g in zip(names, grads) if g is None))
 
 
-def _repeats(model: nn.Module) -> set[str]:
-    """Names of modules that repeat: items of a container, or of a class used more than once."""
-    counts: dict[type, int] = {}
-    for m in model.modules():
-        counts[type(m)] = counts.get(type(m), 0) + 1
-    out = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, CONTAINERS)
-           for c, _ in m.named_children()}
-    return out | {n for n, m in model.named_modules() if n and counts[type(m)] > 1}
+def _items(model: nn.Module) -> set[str]:
+    """Names of the items of containers (``ModuleList`` / ``Sequential`` / ``ModuleDict``)."""
+    return {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, CONTAINERS)
+            for c, _ in m.named_children()}
 
 
 def find_blocks(model: nn.Module) -> list[str]:
     """Outermost repeated modules with ≥ 2 weight layers and a norm, looking into stages (see module doc)."""
-    repeats = _repeats(model)
+    items = _items(model)
+    counts: dict[type, int] = {}
+    for m in model.modules():
+        counts[type(m)] = counts.get(type(m), 0) + 1
 
     def candidate(name: str, m: nn.Module) -> bool:
-        if name not in repeats or isinstance(m, CONTAINERS):
+        # a container is a block only as an item of another (ConvMixer's bare Sequential blocks), never
+        # for being one of many Sequentials (a ResNet-D deep stem)
+        repeated = name in items or (counts[type(m)] > 1 and not isinstance(m, CONTAINERS))
+        if not repeated:
             return False
         mods = list(m.modules())
         return sum(map(is_weight_layer, mods)) >= 2 and any(map(is_norm, mods))
@@ -153,7 +249,8 @@ def find_blocks(model: nn.Module) -> list[str]:
     def is_stage(name: str, m: nn.Module) -> bool:
         inner = [(n, c) for n, c in m.named_modules() if n and candidate(f"{name}.{n}", c)]
         kinds = [type(c) for _, c in inner]
-        in_container = any(isinstance(m.get_submodule(n.rpartition(".")[0]), CONTAINERS) for n, _ in inner if "." in n)
+        in_container = any(isinstance(m.get_submodule(n.rpartition(".")[0]) if "." in n else m, CONTAINERS)
+                           for n, _ in inner)
         return in_container or len(kinds) != len(set(kinds))
 
     blocks: list[str] = []
@@ -170,11 +267,16 @@ def find_blocks(model: nn.Module) -> list[str]:
     return blocks
 
 
+# Sub-modules of a block that are its shortcut branch, by name (timm ``downsample``, HF ``shortcut``):
+# the official code rescales the main path's norms, not the shortcut's.
+SHORTCUTS = ("downsample", "shortcut", "skip")
+
+
 def _own_norms(block: nn.Module) -> list[str]:
-    """A block's norms, skipping those inside a nested container (a ResNet shortcut's BatchNorm)."""
-    nested = [n for n, c in block.named_modules() if n and isinstance(c, CONTAINERS)]
+    """A block's norms, wherever they are nested (ConvNorm, Sequential main paths, parallel branches),
+    except in its shortcut branch."""
     return [n for n, c in block.named_modules()
-            if n and is_norm(c) and not any(n.startswith(p + ".") for p in nested)]
+            if n and is_norm(c) and not any(part in SHORTCUTS for part in n.split(".")[:-1])]
 
 
 def discover(model: nn.Module) -> Structure:
@@ -191,10 +293,11 @@ def discover(model: nn.Module) -> Structure:
 
 
 def _discover(model: nn.Module) -> Structure:
-    order = call_order(model)
+    seen = trace(model)
+    order = seen.order if seen is not None else None
     names = {n: i for i, (n, _) in enumerate(model.named_modules())}
     rank = (lambda n: order.get(n, -1)) if order is not None else names.get
-    live = (lambda n: n in order) if order is not None else (lambda n: True)
+    live = (lambda n: n in order and n not in seen.unused) if seen is not None else (lambda n: True)
     head_ids = {id(m) for h in classifier_modules(model) for m in h.modules()}
     blocks = [b for b in find_blocks(model) if live(b)]
 
@@ -203,7 +306,7 @@ def _discover(model: nn.Module) -> Structure:
 
     mods = [(n, m) for n, m in model.named_modules() if n and live(n) and id(m) not in head_ids]
     targets = [n for n, m in mods if is_weight_layer(m) and within(n)]
-    seq = tuple(sorted((n for n, _ in model.named_modules() if n and live(n)), key=rank))
+    seq = tuple(sorted((n for n, _ in model.named_modules() if n and (order is None or n in order)), key=rank))
     if not blocks or not targets:
         return Structure(tuple(blocks), (), (), (), "split", seq)
     inside = [rank(n) for n, _ in mods if within(n)]
@@ -216,6 +319,9 @@ def _discover(model: nn.Module) -> Structure:
     final = [n for n, m in outside if rank(n) > hi and is_norm(m)]
     transitions = [n for n, m in outside if lo < rank(n) < hi and is_weight_layer(m)]
     norms = [n for n in block_norms if live(n)] + stem[-1:] + final
+    if seen is not None:  # a rescale folds into a norm's affine only where that affine comes last
+        norms = [n for n in norms if not is_norm(m := model.get_submodule(n)) or n not in seen.shapes
+                 or affine_is_last(m, seen.shapes[n])]
     qkv = "fused" if type(model).__name__ in FUSED_QKV_CLASSES else "split"
     return Structure(tuple(blocks), tuple(sorted(targets, key=rank)), tuple(sorted(norms, key=rank)),
                      tuple(sorted(transitions, key=rank)), qkv, seq)
@@ -245,8 +351,12 @@ def resolve(model: nn.Module, targets: str | None = None, norms: str | None = No
         names = list(found.targets) + (list(found.transitions) if transitions else [])
         weights = [(n, model.get_submodule(n)) for n in names]
         if not weights:
-            raise DiscoveryError(f"found no repeated blocks of Linear/Conv2d layers with norms in "
-                                 f"{type(model).__name__}; pass targets=REGEX (CLI: --method-opt targets=REGEX) "
-                                 "naming the layers to adapt")
+            odd = sorted({type(m).__name__ for m in model.modules()
+                          if isinstance(m, (nn.Linear, nn.Conv2d)) and not is_weight_layer(m)})
+            why = (f"its weight layers are {', '.join(odd)}: subclasses with a forward of their own (weight "
+                   "standardisation, asymmetric 'same' padding, ...) that read their weight directly and cannot be "
+                   "wrapped" if odd else "found no repeated blocks of Linear/Conv2d layers with norms")
+            raise DiscoveryError(f"{type(model).__name__}: {why}; pass targets=REGEX (CLI: --method-opt "
+                                 "targets=REGEX) naming plain Linear/Conv2d layers to adapt")
     norm_mods = matching(model, norms) if norms is not None else [(n, model.get_submodule(n)) for n in found.norms]
     return weights, norm_mods, (found.qkv if found else "split")

@@ -55,19 +55,27 @@ def data_cfg(source: str, config) -> dict:
         proc = t.AutoImageProcessor.from_pretrained(source)
     except Exception:  # noqa: BLE001 - no processor saved (e.g. a random test model): use the model config
         proc = None
-    vision = getattr(config, "vision_config", None) or config
-    side = getattr(vision, "image_size", 224)
+    channels, side_h, side_w = config_input_size(config)
     size = getattr(proc, "crop_size", None) or getattr(proc, "size", None) or {}
-    h = size.get("height") or size.get("shortest_edge") or side
-    w = size.get("width") or size.get("shortest_edge") or side
+    h = size.get("height") or size.get("shortest_edge") or side_h
+    w = size.get("width") or size.get("shortest_edge") or side_w
     resize = (getattr(proc, "size", None) or {}).get("shortest_edge")
     crop_pct = getattr(proc, "crop_pct", None) or (min(h, w) / resize if resize and getattr(proc, "do_center_crop", False)
                                                   else 1.0)
-    return {"input_size": (getattr(vision, "num_channels", 3), h, w),
+    return {"input_size": (channels, h, w),
             "mean": tuple(getattr(proc, "image_mean", None) or (0.5, 0.5, 0.5)),
             "std": tuple(getattr(proc, "image_std", None) or (0.5, 0.5, 0.5)),
             "interpolation": RESAMPLE.get(int(getattr(proc, "resample", 3) or 3), "bicubic"),
             "crop_pct": crop_pct, "architecture": PREFIX + source}
+
+
+def config_input_size(config) -> tuple[int, int, int]:
+    """(channels, height, width) an HF config was built for; ``image_size`` is an int or an (h, w) list
+    (Hiera, PVTv2), 224 when absent; a CLIP-style model's is in its ``vision_config``."""
+    vision = getattr(config, "vision_config", None) or config
+    side = getattr(vision, "image_size", None) or 224
+    h, w = (int(side[0]), int(side[-1])) if isinstance(side, (tuple, list)) else (int(side), int(side))
+    return getattr(vision, "num_channels", None) or 3, h, w
 
 
 def create_hf(source: str, weights: str | Path | None, num_classes: int | None, **kwargs) -> nn.Module:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.discover import ROLES, DiscoveryError, discover
+from ..backbones.discover import DiscoveryError, discover, role
 from .base import AroundLinear, Method, freeze, merge_modules, register, replace
 
 
@@ -57,7 +57,7 @@ class APLAConfig:
 
 
 def apply_apla(model: nn.Module, cfg: APLAConfig) -> nn.Module:
-    projs = [n for n in discover(model).targets if ROLES.get(n.rsplit(".", 1)[-1]) == "proj"
+    projs = [n for n in discover(model).targets if role(n) == "proj"
              and isinstance(model.get_submodule(n), nn.Linear)]
     if not projs:
         raise DiscoveryError(f"APLA needs attention output projections (proj / o_proj / out_proj); "

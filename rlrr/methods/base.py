@@ -113,7 +113,23 @@ def freeze(model: nn.Module, train_head: bool = True) -> None:
             head.requires_grad_(True)
 
 
-class AroundLinear(nn.Module):
+class Wrapper(nn.Module):
+    """A module that wraps another (``self.<wrapped>``) and answers, for model code, the attributes of the
+    layer it replaced: ``weight`` for its dtype (HF ViT), ``in_features``, a conv's ``stride`` (TF-style
+    padding), ... — whatever the wrapper does not define itself comes from the wrapped module."""
+
+    wrapped = "base"
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self.wrapped:
+                raise
+            return getattr(super().__getattr__(self.wrapped), name)
+
+
+class AroundLinear(Wrapper):
     """A frozen ``base`` Linear plus a method's update: what the LoRA, HTA and APLA layers share."""
 
     channel_dim = -1
@@ -121,11 +137,6 @@ class AroundLinear(nn.Module):
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base = base.requires_grad_(False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The frozen base weight, for models that read it for its dtype or device (HF ViT)."""
-        return self.base.weight
 
     def frozen(self, x: torch.Tensor) -> torch.Tensor:
         """The pretrained layer's output (what PACE perturbs around)."""

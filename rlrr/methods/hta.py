@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..backbones.discover import ROLES, DiscoveryError, discover
+from ..backbones.discover import DiscoveryError, discover, role
 from .base import AroundLinear, Method, add_to_rows, freeze, merge_modules, register, replace
 
 SLICES = {"q": 0, "k": 1, "v": 2}
@@ -80,10 +80,10 @@ class HTAConfig:
 
 def hta_slices(name: str, module: nn.Linear, wanted: set[str]) -> list[tuple[int, int]]:
     """Square row slices of ``module`` for the roles in ``wanted`` (a fused qkv gives three)."""
-    role, d = ROLES.get(name.rsplit(".", 1)[-1]), module.in_features
-    if role == "qkv" and module.out_features == 3 * d:
+    kind, d = role(name), module.in_features
+    if kind == "qkv" and module.out_features == 3 * d:
         return [(SLICES[t] * d, (SLICES[t] + 1) * d) for t in ("q", "k", "v") if t in wanted]
-    return [(0, d)] if role in wanted and module.out_features == d else []
+    return [(0, d)] if kind in wanted and module.out_features == d else []
 
 
 def apply_hta(model: nn.Module, cfg: HTAConfig) -> nn.Module:

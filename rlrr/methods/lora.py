@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.discover import ROLES, DiscoveryError, discover, matching
+from ..backbones.discover import ROLES, DiscoveryError, discover, matching, role
 from .base import AroundLinear, Method, add_to_rows, freeze, merge_modules, register, replace
 
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -69,11 +69,11 @@ class LoRAConfig:
 
 def lora_slices(name: str, module: nn.Linear, wanted: set[str]) -> list[tuple[int, int]]:
     """Row slices of ``module`` that LoRA adapts for the roles in ``wanted`` (none: not a target)."""
-    role = ROLES.get(name.rsplit(".", 1)[-1])
-    if role == "qkv" and "qkv" not in wanted:
+    kind = role(name)
+    if kind == "qkv" and "qkv" not in wanted:
         d = module.out_features // 3
         return [(QKV_SLICES[t] * d, (QKV_SLICES[t] + 1) * d) for t in ("q", "k", "v") if t in wanted]
-    return [(0, module.out_features)] if role in wanted else []
+    return [(0, module.out_features)] if kind in wanted else []
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..backbones.discover import ROLES, classifier_modules, discover, is_norm
+from ..backbones.discover import classifier_modules, discover, is_norm, role
 from .base import Method, MergeError
 
 PREFIX = "peft:"
@@ -77,7 +77,7 @@ def peft_config(model: nn.Module, cfg: PeftMethodConfig):
         raise ValueError(f"peft {name} found no {missing} in {type(model).__name__}'s blocks (its weight layers are "
                          "convolutions); pass target_modules=... naming layers this tuner supports")
     if "feedforward_modules" in cls.__dataclass_fields__ and "feedforward_modules" not in cfg.options:
-        opts["feedforward_modules"] = [n for n in opts["target_modules"] if ROLES.get(n.rsplit(".", 1)[-1]) == "fc2"]
+        opts["feedforward_modules"] = [n for n in opts["target_modules"] if role(n) == "fc2"]
     try:
         return cls(**opts)
     except (TypeError, ValueError) as e:

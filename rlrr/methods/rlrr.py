@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.discover import resolve
+from ..backbones.discover import conv_padding, resolve
 from .base import Method, freeze, merge_modules, register, replace
 from .ssf import inject_feature_rescale, merge_feature_rescale
 
@@ -59,7 +59,7 @@ class _RescaledOp(torch.autograd.Function):
         b_eff = None if bias is None else (bias + shift).to(x.dtype)
         ctx.layer = layer
         ctx.save_for_backward(x, weight, bias, scale_l, scale_r, shift)
-        return layer.op(x, w_eff, b_eff)
+        return layer.op_fresh(x, w_eff, b_eff)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -133,6 +133,12 @@ class _Rescaled(nn.Module):
 
     def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def op_fresh(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``op`` as a tensor of its own, never a view: the custom op's output may be modified in place
+        by the model (Swin V2's position-bias MLP applies ``ReLU(inplace=True)``), which autograd forbids
+        on a view made inside a custom Function."""
+        return self.op(x, w, b)
 
     def op_backward(self, g, x, w, need_x: bool, need_w: bool):
         """(dL/dx, dL/dW')."""
@@ -228,6 +234,17 @@ class RescaledLinear(_Rescaled):
     def op(self, x, w, b):
         return F.linear(x, w, b)
 
+    def op_fresh(self, x, w, b):
+        """One GEMM on the flattened tokens written straight into the output (F.linear on a 3-D input
+        returns a view of its 2-D result)."""
+        y = x.new_empty(*x.shape[:-1], w.shape[0])
+        flat, x2 = y.view(-1, w.shape[0]), x.reshape(-1, x.shape[-1])
+        if b is None:
+            torch.mm(x2, w.t(), out=flat)
+        else:
+            torch.addmm(b, x2, w.t(), out=flat)
+        return y
+
     def op_backward(self, g, x, w, need_x, need_w):
         gx = g @ w if need_x else None
         gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if need_w else None
@@ -251,10 +268,14 @@ class RescaledConv2d(_Rescaled):
     channel_dim = 1
 
     def __init__(self, base: nn.Conv2d, rank: int = 1, init: str = "official"):
-        self.conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
-        self.in_channels, self.out_channels, self.kernel_size = base.in_channels, base.out_channels, base.kernel_size
-        if base.padding_mode != "zeros" or isinstance(base.padding, str):
-            raise ValueError("RLRR conv supports zero padding with explicit sizes only")
+        if base.padding_mode != "zeros" or conv_padding(base) is None:
+            raise ValueError("RLRR conv supports zero padding of explicit size (or 'same' with an odd kernel "
+                             "at stride 1) only")
+        # the attributes model code reads from the conv it replaced (TF-style padding, reparameterize())
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode"):
+            setattr(self, attr, getattr(base, attr))
+        self.conv = dict(stride=base.stride, padding=conv_padding(base), dilation=base.dilation, groups=base.groups)
         o, i, kh, kw = base.weight.shape
         super().__init__(base, o * kh, i * kw, 1, rank, init)
 
@@ -282,8 +303,8 @@ class RescaledConv2d(_Rescaled):
 
     def merged(self) -> nn.Conv2d:
         w, b = self.effective()
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=b is not None,
-                         device=w.device, dtype=w.dtype, **self.conv)
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=b is not None, device=w.device, dtype=w.dtype)
         conv.weight.data.copy_(w)
         if b is not None:
             conv.bias.data.copy_(b)

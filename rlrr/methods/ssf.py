@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.discover import is_norm, is_weight_layer, resolve
-from .base import Method, MergeError, freeze, merge_modules, register, replace
+from ..backbones.discover import affine_of, is_weight_layer, resolve
+from .base import Method, MergeError, Wrapper, freeze, merge_modules, register, replace
 
 
-class FeatureRescale(nn.Module):
+class FeatureRescale(Wrapper):
     """``inner(x) · γ + β`` per channel, with γ ~ N(1, σ), β ~ N(0, σ) (σ = 0 gives the identity).
 
     After a norm, γ and β fold into its affine at every call (``w·γ``, ``b·γ + β``): the same function,
@@ -25,40 +25,42 @@ class FeatureRescale(nn.Module):
     rescale stores no activation of its own, and it also sits right where a norm-act layer
     (timm's ``BatchNormAct2d``) applies its affine, before the activation, so it always merges.
     After a Linear/Conv2d the output is scaled (cheaper than scaling the weight, whose gradient would
-    cost a GEMM).
+    cost a GEMM).  A norm without a shift (RMSNorm, ``LayerNormNoBias``) gets the scale γ only.
     """
 
     adapter_params = ("scale", "shift")
+    wrapped = "inner"
 
     def __init__(self, inner: nn.Module, std: float = 0.02):
         super().__init__()
-        if not (is_norm(inner) or is_weight_layer(inner)):
-            raise TypeError(f"cannot rescale the output of a {type(inner).__name__}; name norms with an affine "
-                            "weight and bias, or Linear/Conv2d layers")
+        self.affine = affine_of(inner)  # (scale, shift) parameter names of a norm folded into; None: a layer
+        if self.affine is None and not is_weight_layer(inner):
+            raise TypeError(f"cannot rescale the output of a {type(inner).__name__}; name norms with a per-channel "
+                            "affine, or Linear/Conv2d layers")
         self.inner = inner
-        self.folds = is_norm(inner)
         channels_first = (nn.Conv2d, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
         self.channel_dim = 1 if isinstance(inner, channels_first) else -1
-        like = inner.weight
-        c = like.shape[0]
+        like = getattr(inner, self.affine[0]) if self.affine else inner.weight
+        c = like.numel() if self.affine else like.shape[0]
         self.scale = nn.Parameter(torch.ones(c, dtype=like.dtype, device=like.device))
-        self.shift = nn.Parameter(torch.zeros(c, dtype=like.dtype, device=like.device))
+        # a norm without a shift of its own (RMSNorm) is only scaled: a shift would have nowhere to merge
+        self.shift = nn.Parameter(torch.zeros(c, dtype=like.dtype, device=like.device)) \
+            if self.affine is None or self.affine[1] else None
         if std > 0:
             nn.init.normal_(self.scale, 1.0, std)
-            nn.init.normal_(self.shift, 0.0, std)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The wrapped layer's weight, for models that read it for its dtype (HF ViT's patch embedding)."""
-        return self.inner.weight
+            if self.shift is not None:
+                nn.init.normal_(self.shift, 0.0, std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.folds:
-            n = self.inner
-            w, b = n.weight * self.scale, n.bias * self.scale + self.shift
+        if self.affine:
+            n, (w_name, b_name) = self.inner, self.affine
+            folded = {w_name: getattr(n, w_name) * self.scale.view(getattr(n, w_name).shape)}
+            if b_name:
+                b = getattr(n, b_name)
+                folded[b_name] = b * self.scale.view(b.shape) + self.shift.view(b.shape)
             if type(n) is nn.LayerNorm:
-                return F.layer_norm(x, n.normalized_shape, w, b, n.eps)
-            return torch.func.functional_call(n, {"weight": w, "bias": b}, (x,))
+                return F.layer_norm(x, n.normalized_shape, folded["weight"], folded.get("bias"), n.eps)
+            return torch.func.functional_call(n, folded, (x,))
         y = self.inner(x)
         shape = [1] * y.ndim
         shape[self.channel_dim] = -1
@@ -70,18 +72,21 @@ class FeatureRescale(nn.Module):
 
     def merged(self) -> nn.Module:
         """The wrapped module with γ, β folded into its per-channel affine."""
-        fold_channel_affine(self.inner, self.scale.detach(), self.shift.detach())
+        fold_channel_affine(self.inner, self.scale.detach(), None if self.shift is None else self.shift.detach())
         return self.inner
 
 
-def fold_channel_affine(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    """Make ``module(x)`` compute ``module(x)·scale + shift`` per output channel, in place."""
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    if weight is None or bias is None:
+def fold_channel_affine(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
+    """Make ``module(x)`` compute ``module(x)·scale + shift`` per output channel, in place: into a norm's
+    affine (whatever its parameters are called) or a Linear/Conv2d's output rows."""
+    w_name, b_name = affine_of(module) or ("weight", "bias")
+    weight, bias = getattr(module, w_name, None), getattr(module, b_name, None) if b_name else None
+    if weight is None or (bias is None and shift is not None):
         raise MergeError(f"{type(module).__name__} has no affine weight and bias to fold a scale/shift into")
     s = scale.to(weight.dtype)
-    weight.mul_(s.view(-1, *[1] * (weight.ndim - 1)))
-    bias.mul_(s).add_(shift.to(bias.dtype))
+    weight.mul_(s.view(weight.shape) if weight.numel() == s.numel() else s.view(-1, *[1] * (weight.ndim - 1)))
+    if shift is not None:
+        bias.mul_(s.view(bias.shape)).add_(shift.to(bias.dtype).view(bias.shape))
 
 
 def inject_feature_rescale(model: nn.Module, modules: list[tuple[str, nn.Module]], std: float,
