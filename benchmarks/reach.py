@@ -21,7 +21,11 @@ from rlrr.backbones.discover import discover
 TIMM = ["vit_base_patch16_224", "deit_base_distilled_patch16_224", "eva02_base_patch14_224", "beit_base_patch16_224",
         "cait_s24_224", "xcit_small_12_p16_224", "convit_base", "pit_b_224", "swin_base_patch4_window7_224",
         "hiera_base_224", "maxvit_rmlp_tiny_rw_256", "coatnet_0_rw_224", "fastvit_sa12", "convnext_base", "resnet50",
-        "regnetx_032", "efficientnet_b0", "mobilenetv3_large_100", "levit_256"]
+        "regnetx_032", "efficientnet_b0", "mobilenetv3_large_100", "levit_256",
+        # issue #19's round: norms without a shift, Affine, bare Sequential blocks, nested and branch norms, GRN
+        "swinv2_tiny_window8_256", "aimv2_large_patch14_224", "caformer_s18", "convformer_s18", "resmlp_12_224",
+        "convmixer_768_32", "efficientvit_m0", "mobileone_s0", "ghostnet_100", "repvit_m1", "shvit_s1",
+        "res2net50_14w_8s", "hgnetv2_b0", "convnextv2_tiny"]
 
 
 def hf_models() -> dict[str, torch.nn.Module]:
@@ -32,7 +36,16 @@ def hf_models() -> dict[str, torch.nn.Module]:
             "hf DINOv2 (base)": T.Dinov2ForImageClassification(T.Dinov2Config()),
             "hf Swin (tiny)": T.SwinForImageClassification(T.SwinConfig()),
             "hf ConvNeXt (tiny)": T.ConvNextForImageClassification(T.ConvNextConfig()),
-            "hf CLIP vision (ViT-B/16)": T.CLIPForImageClassification(T.CLIPConfig(vision_config={"patch_size": 16}))}
+            "hf CLIP vision (ViT-B/16)": T.CLIPForImageClassification(T.CLIPConfig(vision_config={"patch_size": 16})),
+            "hf Swin V2 (tiny)": T.Swinv2ForImageClassification(T.Swinv2Config()),
+            "hf SigLIP vision (base)": T.SiglipForImageClassification(T.SiglipConfig()),
+            "hf Data2Vec vision (base)": T.Data2VecVisionForImageClassification(T.Data2VecVisionConfig()),
+            "hf Hiera (tiny)": T.HieraForImageClassification(T.HieraConfig()),
+            "hf PVTv2 (b0)": T.PvtV2ForImageClassification(T.PvtV2Config()),
+            "hf ResNet (50)": T.ResNetForImageClassification(T.ResNetConfig()),
+            "hf RegNet (y-040)": T.RegNetForImageClassification(T.RegNetConfig()),
+            "hf MobileNetV2 (1.0)": T.MobileNetV2ForImageClassification(T.MobileNetV2Config()),
+            "hf EfficientNet (b7 config)": T.EfficientNetForImageClassification(T.EfficientNetConfig())}
 
 
 def leaf_counts(names: tuple[str, ...], limit: int = 6) -> str:

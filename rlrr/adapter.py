@@ -45,6 +45,7 @@ def adapter_metadata(model: torch.nn.Module) -> dict[str, str]:
             "config": json.dumps(dataclasses.asdict(cfg) if cfg is not None else {}),
             "backbone": architecture(model), "library_version": __version__,
             "backbone_fingerprint": getattr(model, "backbone_fingerprint", None) or fingerprint(model),
+            "input_size": json.dumps(list((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or []) or None),
             "shapes": json.dumps({n: list(p.shape) for n, p in trainable_parameters(model)})}
 
 
@@ -69,6 +70,20 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if meta.get("format") != FORMAT:
         raise AdapterMismatchError(f"{path} is not an rlrr adapter (format {meta.get('format')!r}); "
                                    "save adapters with rlrr.save_adapter")
+    for key in ("method", "config", "backbone"):
+        if key not in meta:
+            raise AdapterMismatchError(f"{path}: its metadata has no '{key}' (edited or written by hand?); "
+                                       "save adapters with rlrr.save_adapter")
+    for key in ("config", "input_size"):
+        try:
+            json.loads(meta.get(key, "null"))
+        except json.JSONDecodeError:
+            raise AdapterMismatchError(f"{path}: metadata '{key}' is not JSON ({meta[key][:60]!r}); the file was "
+                                       "edited or not written by rlrr.save_adapter") from None
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if bad is not None:
+        raise AdapterMismatchError(f"{path}: tensor '{bad}' holds NaN or Inf values; the run that wrote it "
+                                   "diverged: retrain (lower --lr) rather than use it")
     return tensors, meta
 
 
@@ -78,6 +93,11 @@ def load_adapter(model: torch.nn.Module, path: str | Path, check_fingerprint: bo
     ``check_fingerprint``: refuse backbone weights other than those the adapter was trained on.
     """
     tensors, meta = read_adapter(path)
+    trained_at, runs_at = json.loads(meta.get("input_size", "null")), (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if trained_at and runs_at and list(runs_at) != trained_at:
+        raise AdapterMismatchError(f"{path} was trained at input size {trained_at[1]}×{trained_at[2]} but this model "
+                                   f"runs at {runs_at[1]}×{runs_at[2]}; create it with img_size=({trained_at[1]}, "
+                                   f"{trained_at[2]}) (CLI: --img-size {trained_at[1]})")
     saved = meta.get("backbone_fingerprint")
     if check_fingerprint and saved:  # of the plain model, before the method changes its modules
         model.backbone_fingerprint = getattr(model, "backbone_fingerprint", None) or fingerprint(model)

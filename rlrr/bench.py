@@ -71,7 +71,11 @@ def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method
     another ``--model``, is refused by name rather than mixed into the table)."""
     done = cell / "summary.json"
     if done.is_file():
-        res = json.loads(done.read_text())
+        try:
+            res = json.loads(done.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{done} is not readable JSON (a cell cut off mid-write?); delete {cell} to re-run "
+                             "that cell") from None
         changed = changes(res, model, spec, method, method_opts, settings)
         if changed:
             raise ValueError(f"{cell} was run with {changed}; delete that folder to re-run it with the current "
@@ -80,7 +84,7 @@ def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method
         return res
     print(f"{label}: running", flush=True)
     return run_experiment(model, weights, spec, cell, method, method_opts, resume=True, verbose=False,
-                          progress=False, **settings)
+                          restart=f"delete {cell} to re-run that cell", progress=False, **settings)
 
 
 def changes(res: dict, model: str, spec: str, method: str, method_opts: dict | None, settings: dict) -> str:

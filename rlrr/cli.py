@@ -12,18 +12,18 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import yaml
+from .config import load_yaml
 
 
 # --- shared pieces ------------------------------------------------------------------------------
-def method_options(opts: list[str] | None) -> dict:
-    """``--method-opt key=value`` pairs, values parsed as YAML scalars/lists."""
+def method_options(opts: list[str] | None, flag: str = "--method-opt") -> dict:
+    """``key=value`` pairs of ``flag``, values parsed as YAML scalars/lists (1e-3, nan are numbers)."""
     values = {}
     for opt in opts or []:
         key, sep, val = opt.partition("=")
-        if not sep:
-            raise ValueError(f"--method-opt {opt!r} must look like key=value")
-        values[key.replace("-", "_")] = yaml.safe_load(val)
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {opt!r} must look like key=value")
+        values[key.strip().replace("-", "_")] = load_yaml(val, f"{flag} {opt}", lines=False)
     return values
 
 
@@ -42,19 +42,43 @@ def data_config(model) -> dict:
 
 def adapted_model(args):
     """Backbone (+ adapter if given), ready for inference; the class count comes from the adapter's head
-    or, for a merged checkpoint, from the weights file's classifier."""
+    or, for a merged checkpoint, from the weights file's classifier; the input size from the adapter
+    when it was trained at another --img-size and none is given."""
     from .adapter import load_adapter, read_adapter
     from .backbones import checkpoint_num_classes, read_state_dict
+    meta = {}
     if args.adapter:
-        tensors, _ = read_adapter(args.adapter)
+        tensors, meta = read_adapter(args.adapter)
     elif args.weights not in ("none", "pretrained") and Path(args.weights).suffix != ".npz" and Path(args.weights).is_file():
         tensors = read_state_dict(args.weights)
     else:
         tensors = {}
     model = backbone(args, checkpoint_num_classes(args.model, tensors))
+    trained_at = json.loads(meta.get("input_size", "null"))
+    if trained_at and not args.img_size and list(model.pretrained_cfg["input_size"]) != trained_at:
+        args.img_size = tuple(trained_at[1:])
+        model = backbone(args, checkpoint_num_classes(args.model, tensors))
     if args.adapter:
         model = load_adapter(model, args.adapter, check_fingerprint=not args.ignore_fingerprint)
     return model.eval()
+
+
+def not_an_input(out: Path, args) -> Path:
+    """Refuse an --output that is one of the command's inputs (weights, adapter, HF source folder):
+    writing there would destroy the thing being read."""
+    inputs = [getattr(args, "adapter", None), args.weights, args.model.removeprefix("hf:") if args.model.startswith("hf:")
+              else None]
+    for given in filter(None, inputs):
+        if Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
+            raise ValueError(f"--output {out} is an input of this command ({given}); write to another path")
+    return out
+
+
+def path_arg(text: str) -> str:
+    """argparse type: a path that is not empty (``--output ''`` would write into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty; name a folder or file")
+    return text
 
 
 def output_file(path: str) -> Path:
@@ -99,7 +123,9 @@ def cmd_train(args) -> dict:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     method, opts = args.method, method_options(args.method_opt)
     if args.pace is not None:  # PACE around the method: --pace sigma=1,lambda=0.1
-        method, opts = f"{method}+pace", {**opts, **method_options(args.pace.split(",") if args.pace else [])}
+        if method.endswith("+pace"):
+            raise ValueError(f"--method {method} already has PACE; drop --pace or the +pace suffix")
+        method, opts = f"{method}+pace", {**opts, **method_options(args.pace.split(",") if args.pace else [], "--pace")}
     result = run_experiment(args.model, None if args.weights == "none" else args.weights, args.data, args.output,
                             method, opts, args.config, args.resume, args.num_classes,
                             args.drop_path, args.img_size, args.aug, args.skip_bad_images, overwrite=args.overwrite,
@@ -113,8 +139,12 @@ def cmd_eval(args) -> dict:
     from .data import build_data
     from .engine.loop import evaluate
     from torch.utils.data import DataLoader
+    from .backbones import num_classes_of
     model = adapted_model(args)
     splits = build_data(args.data, data_config(model), args.aug, skip_bad=args.skip_bad_images)
+    if num_classes_of(model) != splits.num_classes:
+        raise ValueError(f"the model's head has {num_classes_of(model)} classes but {args.data} has "
+                         f"{splits.num_classes}; evaluate an adapter (or weights) trained on this task")
     res = evaluate(model, DataLoader(splits[args.split], args.batch_size), next(model.parameters()).device,
                    progress=True)
     out = {"data": args.data, "split": args.split, "top1": res["acc"], "loss": res["loss"], "n": len(splits[args.split])}
@@ -129,8 +159,10 @@ def cmd_predict(args) -> None:
     from .data.images import open_rgb
     from .data.transforms import eval_transform
     from .files import atomic_write
-    out = output_file(args.output)
+    from .backbones import num_classes_of
+    out = not_an_input(output_file(args.output), args)
     model = adapted_model(args)
+    topk = min(args.topk, num_classes_of(model))
     tf = eval_transform(data_config(model), "none")
     root = Path(args.images)
     if not root.is_dir():
@@ -138,12 +170,12 @@ def cmd_predict(args) -> None:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"no images under {root}")
-    rows = [["path"] + [c for k in range(args.topk) for c in (f"class_{k + 1}", f"prob_{k + 1}")]]
+    rows = [["path"] + [c for k in range(topk) for c in (f"class_{k + 1}", f"prob_{k + 1}")]]
     with torch.no_grad():
         for i in range(0, len(files), args.batch_size):
             chunk = files[i:i + args.batch_size]
             probs = logits_of(model(torch.stack([tf(open_rgb(p)) for p in chunk]))).softmax(-1)
-            top = probs.topk(min(args.topk, probs.shape[-1]), dim=-1)
+            top = probs.topk(topk, dim=-1)
             for p, v, k in zip(chunk, top.values, top.indices):
                 rows.append([str(p.relative_to(root))] + [x for kk, vv in zip(k, v) for x in (int(kk), f"{vv:.4f}")])
     atomic_write(out, lambda f: csv.writer(f).writerows(rows), "w")  # a failed run leaves an old CSV intact
@@ -154,7 +186,9 @@ def cmd_merge(args) -> Path:
     from .backbones import is_hf
     from .methods.base import merge
     hf = args.model.startswith("hf:")
-    out = Path(args.output) if hf else output_file(args.output)  # HF: a folder for save_pretrained
+    out = not_an_input(Path(args.output) if hf else output_file(args.output), args)  # HF: a folder
+    if hf and out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file; a merged hf: model is a folder (save_pretrained): name a folder")
     merged = merge(adapted_model(args))
     if hf:  # a plain transformers folder: from_pretrained loads it
         merged.save_pretrained(out)
@@ -187,7 +221,7 @@ def cmd_export(args) -> Path:
     import torch
     from .backbones.hf import LogitsOnly
     from .methods.base import merge
-    out = output_file(args.output)
+    out = not_an_input(output_file(args.output), args)
     model = adapted_model(args)
     if getattr(model, "rlrr_method", None):
         model = merge(model)
@@ -246,10 +280,21 @@ def cmd_pretrain(args) -> dict:
     return pretrain(cfg, Path(args.output))
 
 
+def comma_list(kind=str):
+    """argparse type: ``a,b,c`` as a list without blanks or repeats (``linear,,linear`` is one method)."""
+    def parse(text: str) -> list:
+        items = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+        try:
+            return [kind(x) for x in items]
+        except ValueError:
+            bad = next(x for x in items if not x.lstrip("-").isdigit())
+            raise argparse.ArgumentTypeError(f"{bad!r} is not an integer; give comma-separated integers") from None
+    return parse
+
+
 def cmd_bench(args) -> list:
     from .bench import run_bench
-    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
-    return run_bench(args.suite, split(args.methods), [int(s) for s in split(args.seeds)], Path(args.output),
+    return run_bench(args.suite, args.methods, args.seeds, Path(args.output),
                      args.root, args.model, args.weights, args.smoke, epochs=args.epochs, protocol=args.protocol)
 
 
@@ -279,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pace", metavar="sigma=S,lambda=L", nargs="?", const="",
                    help="PACE regularisation around the method (rlrr, lora, ssf, adapter, hta)")
     p.add_argument("--config", help="task YAML (default: configs/<kind>/<task>.yaml when it exists)")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, type=path_arg)
     p.add_argument("--num-classes", type=at_least(1))
     p.add_argument("--drop-path", type=float)
     p.add_argument("--aug", choices=["none", "flip", "fgvc"])
@@ -311,19 +356,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="folder of images -> CSV of top-k classes")
     add_model_args(p)
     p.add_argument("--images", required=True)
-    p.add_argument("--output", default="predictions.csv")
+    p.add_argument("--output", default="predictions.csv", type=path_arg)
     p.add_argument("--topk", type=at_least(1), default=5)
     p.add_argument("--batch-size", type=at_least(1), default=64)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("merge", help="backbone + adapter -> plain timm safetensors")
     add_model_args(p)
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, type=path_arg)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="merged model -> ONNX")
     add_model_args(p)
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, type=path_arg)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="trainable-parameter table of a model + method, or what an adapter file says")
@@ -335,29 +380,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="offline RLRR vs linear probe on the embedded backbone (minutes on a CPU)")
-    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--output", default="runs/demo", type=path_arg)
     p.add_argument("--task", default="mnist")
     p.add_argument("--quick", action="store_true", help="a CI-sized run (seconds)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pretrain", help="re-create the embedded backbone by fractal pre-training")
-    p.add_argument("--output", default="rlrr/weights")
+    p.add_argument("--output", default="rlrr/weights", type=path_arg)
     for name, typ in (("classes", int), ("per_class", int), ("epochs", int), ("batch_size", int), ("lr", float),
                       ("seed", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("bench", help="task x method x seed grid, resumable, paper-shaped table")
     p.add_argument("--suite", choices=["mini", "vtab1k", "fgvc"], default="mini")
-    p.add_argument("--methods", default="linear,full,bitfit,ssf,lora,adapter,vpt,rlrr,rlrr+pace,hta,apla",
+    p.add_argument("--methods", default="linear,full,bitfit,ssf,lora,adapter,vpt,rlrr,rlrr+pace,hta,apla", type=comma_list(),
                    help="comma-separated; peft tuners as peft:<tuner> (needs the peft group)")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2", type=comma_list(int))
     p.add_argument("--root", help="folder with the suite's task folders (vtab1k, fgvc)")
     p.add_argument("--model", default=None, help="backbone (default: the suite's)")
     p.add_argument("--weights", default=None, help="backbone weights file (vtab1k/fgvc: e.g. ViT-B_16.npz)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--protocol", choices=PROTOCOLS, default=None)
     p.add_argument("--smoke", action="store_true", help="one task, one epoch: a CI-sized check of the runner")
-    p.add_argument("--output", default="runs/bench")
+    p.add_argument("--output", default="runs/bench", type=path_arg)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("analyze", help="SVD view of how adapters change the pretrained weights")
@@ -365,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", required=True, help="adapter file (repeat to compare methods)")
     p.add_argument("--topk", type=at_least(1), default=8)
     p.add_argument("--ignore-fingerprint", action="store_true", help="accept adapters trained on other weights")
-    p.add_argument("--output", default="runs/analysis")
+    p.add_argument("--output", default="runs/analysis", type=path_arg)
     p.set_defaults(func=cmd_analyze)
     return ap
 
@@ -382,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     from .methods.base import MergeError
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        again = "; rerun with --resume to continue from the last checkpoint" if args.cmd == "train" else ""
+        print(f"error: interrupted{again}", file=sys.stderr)
+        return 130
     except (DataError, BackboneError, AdapterMismatchError, TrainingStopped, MergeError, FileNotFoundError,
             ValueError, TypeError, KeyError, RuntimeError, OSError) as e:
         if os.environ.get("RLRR_DEBUG"):
@@ -398,8 +447,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def one_line(e: BaseException) -> str:
-    text = str(e).strip("'\"")
-    return text.splitlines()[0] if text.strip() else type(e).__name__
+    """The first line of an error's message; for an error re-raised from a DataLoader worker ("Caught
+    DataError in DataLoader worker process 0" + the worker's traceback), the worker's own message."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and len(e.args) == 1 else str(e)  # KeyError quotes its text
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Original Traceback" in text:
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 from timm.data import resolve_data_config
 
 from .backbones import check_input_size, create_backbone, fingerprint, set_num_classes
-from .config import method_lr, method_opts as task_method_opts, task_config
+from .config import check_fields, method_lr, method_opts as task_method_opts, task_config, task_config_path
 from .data import build_data
 from .engine.trainer import TrainConfig, Trainer
 from .methods.base import apply, format_summary, make_config, summary
@@ -29,8 +29,17 @@ def plan(data: str, method: str, method_opts: dict[str, Any] | None = None, conf
     unknown = set(train_overrides) - known
     if unknown:
         raise TypeError(f"unknown training option(s) {sorted(unknown)}")
+    where = f"config {task_config_path(data, config)}, train"
+    written = task.get("train") or {}
+    if not isinstance(written, dict) or set(written) - known:
+        raise ValueError(f"{where} must map training options ({', '.join(sorted(known))}) to values; "
+                         f"unknown: {sorted(set(written) - known) if isinstance(written, dict) else written!r}")
+    try:  # the file's own values first, so a bad one is named with the file it is in
+        TrainConfig(**check_fields(TrainConfig, written, where))
+    except ValueError as e:
+        raise ValueError(f"{e} (set in {where})") from None
     lr = method_lr(task, method)
-    cfg = TrainConfig(**{**task.get("train", {}), **({"lr": lr} if lr else {}),
+    cfg = TrainConfig(**{**check_fields(TrainConfig, written, where), **({"lr": lr} if lr else {}),
                          **{k: v for k, v in train_overrides.items() if v is not None}})
     return task, cfg, make_config(method, **{**task_method_opts(task, method), **(method_opts or {})})
 
@@ -39,13 +48,15 @@ def run_experiment(model: str, weights: str | None, data: str, output: str | Pat
                    method_opts: dict[str, Any] | None = None, config: str | None = None, resume: bool = False,
                    num_classes: int | None = None, drop_path: float | None = None, img_size: int | None = None,
                    aug: str | None = None, skip_bad_images: bool = False, verbose: bool = True,
-                   overwrite: bool = False, **train_overrides: Any) -> dict:
+                   overwrite: bool = False, restart: str = "pass --overwrite to start over",
+                   **train_overrides: Any) -> dict:
     """Train and test one (model, data, method); returns the summary dict also written to summary.json.
 
     Precedence: explicit ``train_overrides`` > the method's rate in the task config > the task config >
     ``TrainConfig`` defaults; explicit ``method_opts`` > the method's options in the task config.
     ``resume`` continues a run with the same settings (checked: model, backbone fingerprint, data, method
-    and options, every training value); ``overwrite`` replaces a run in ``output``.
+    and options, every training value); ``overwrite`` replaces a run in ``output``; ``restart`` is the
+    advice for starting over that errors give (the bench deletes a cell instead of passing --overwrite).
     """
     task, cfg, mcfg = plan(data, method, method_opts, config, **train_overrides)
     num_classes = num_classes or task.get("num_classes")
@@ -70,4 +81,4 @@ def run_experiment(model: str, weights: str | None, data: str, output: str | Pat
 
     if verbose:
         print(format_summary(summary(make_model())))
-    return Trainer(make_model, splits, cfg, Path(output), settings, overwrite).fit(resume=resume)
+    return Trainer(make_model, splits, cfg, Path(output), settings, overwrite, restart).fit(resume=resume)

@@ -74,8 +74,16 @@ def test_label_out_of_range(tmp_path):
 
 
 def test_num_classes_mismatch(tmp_path):
-    with pytest.raises(DataError, match="has 10 classes but --num-classes is 7"):
+    with pytest.raises(DataError, match=r"--num-classes 7 does not fit the data \(it has 10 classes\)"):
         build_data("offline:digits", CFG, num_classes=7)
+    svhn = make_vtab(tmp_path / "a")  # a known VTAB task: its table says 10
+    for asked in (5, 12):
+        with pytest.raises(DataError, match=rf"--num-classes {asked} does not fit the data \(it has 10 classes\)"):
+            build_data(f"vtab1k:{svhn}", CFG, num_classes=asked)
+    mine = make_vtab(tmp_path / "b", task="my_task")  # inferred from its labels: more classes may be asked
+    assert build_data(f"vtab1k:{mine}", CFG, num_classes=12).num_classes == 12
+    with pytest.raises(DataError, match="--num-classes 5 does not fit the data \\(its labels reach 9\\)"):
+        build_data(f"vtab1k:{mine}", CFG, num_classes=5)
 
 
 def test_bad_spec(tmp_path):

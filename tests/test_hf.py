@@ -6,7 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")  # the [hf] extra; .[test] installs it
 
 import rlrr  # noqa: E402
-from conftest import applied  # noqa: E402
+from conftest import applied, round_trip  # noqa: E402
 from rlrr.backbones.discover import discover  # noqa: E402
 
 T = transformers
@@ -146,3 +146,107 @@ def test_missing_hf_checkpoint_is_one_line_with_the_download_advice(tmp_path):
     with pytest.raises(rlrr.BackboneError, match="--model hf:DIR") as e:
         rlrr.create_backbone(f"hf:{tmp_path / 'nowhere'}")
     assert "\n" not in str(e.value)
+
+
+# --- reach round 2: HF classes with unusual structure or configs ------------------------------------
+TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+MORE = {
+    "swinv2": (lambda: T.Swinv2ForImageClassification(T.Swinv2Config(
+        embed_dim=16, depths=[1, 1], num_heads=[1, 2], image_size=32, patch_size=4, window_size=4, num_labels=3)), 32),
+    "mobilenetv2 (TF padding)": (lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config(
+        image_size=32, depth_multiplier=0.35, num_labels=3)), 32),
+    "resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)), 32),
+    "data2vec": (lambda: T.Data2VecVisionForImageClassification(T.Data2VecVisionConfig(**SMALL, num_labels=3)), 32),
+    "siglip": (lambda: T.SiglipForImageClassification(T.SiglipConfig(
+        vision_config=dict(SMALL), text_config=dict(TEXT), num_labels=3)), 32),
+}
+
+
+@pytest.mark.parametrize("kind", list(MORE))
+def test_rlrr_round_trips_on_more_hf_classes(kind, tmp_path):
+    make, side = MORE[kind]
+    round_trip(make, torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1)), tmp_path)
+
+
+def test_hf_list_image_size_without_a_processor_file(tmp_path):
+    """Hiera and PVTv2 write image_size as [h, w]; a folder with no preprocessor_config.json still loads."""
+    torch.manual_seed(0)
+    T.HieraForImageClassification(T.HieraConfig(
+        embed_dim=8, image_size=[64, 64], patch_size=[7, 7], patch_stride=[4, 4], patch_padding=[3, 3],
+        depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], num_labels=3)).save_pretrained(tmp_path / "hiera")
+    model = rlrr.create_backbone(f"hf:{tmp_path / 'hiera'}")
+    assert model.pretrained_cfg["input_size"] == (3, 64, 64)
+    assert rlrr.summary(rlrr.apply(model, rlrr.RLRRConfig()))["method_params"] > 0
+
+
+def test_hf_resnet_rescales_the_main_path_norms_not_the_shortcut():
+    model = MORE["resnet"][0]().eval()
+    norms = discover(model).norms
+    assert not any(".shortcut." in n for n in norms)
+    block = "resnet.encoder.stages.0.layers.0"
+    assert {f"{block}.layer.{i}.normalization" for i in range(3)} <= set(norms)
+
+
+def test_siglip_unused_pooling_head_norm_is_not_rescaled():
+    """The classifier reads the mean of the tokens; the attention-pooling head runs but never reaches it."""
+    model = MORE["siglip"][0]().eval()
+    assert "vision_model.head.layernorm" not in discover(model).norms
+    model = rlrr.apply(model, rlrr.RLRRConfig())
+    step(model, batch())
+    assert all(p.grad is not None for _, p in rlrr.trainable_parameters(model))
+
+
+def test_dense_output_projections_reach_apla_and_hta():
+    for method, per_block in (("apla", 1), ("hta", 4)):
+        model = rlrr.apply(MORE["data2vec"][0]().eval(), rlrr.make_config(method))
+        wrapped = [n for n, m in model.named_modules() if type(m).__name__ in ("RowTunedLinear", "HTALinear")]
+        assert len(wrapped) == per_block * 2, (method, wrapped)
+        assert any(n.endswith("attention.output.dense") for n in wrapped)
+
+
+def hf_folder(tmp_path, kind: str = "vit"):
+    folder = tmp_path / kind
+    torch.manual_seed(0)
+    MODELS[kind]().save_pretrained(folder)
+    return folder
+
+
+def test_remote_code_folders_are_refused_without_a_prompt(tmp_path):
+    import json
+    folder = hf_folder(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForImageClassification": "m.Net"}}))
+    (folder / "m.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(rlrr.BackboneError, match="auto_map in config.json.*never runs") as e:
+        rlrr.create_backbone(f"hf:{folder}")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["bad field", "truncated weights", "pickled code", "text model"])
+def test_broken_hf_folders_are_one_line_naming_the_problem(tmp_path, damage):
+    import json
+    import pickle
+    folder = hf_folder(tmp_path)
+    if damage == "bad field":
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "hidden_size": "wide"}))
+        want = "config.json file"
+    elif damage == "truncated weights":
+        w = folder / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:200])
+        want = "weights file"
+    elif damage == "pickled code":
+        (folder / "model.safetensors").unlink()
+
+        class Evil:
+            def __reduce__(self):
+                return (print, ("pickled code ran",))
+        (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+        want = "pickled code, which rlrr never runs"
+    else:
+        T.BertModel(T.BertConfig(**TEXT)).save_pretrained(folder)
+        want = "is a Bert model, which transformers has no image classifier for"
+    with pytest.raises(rlrr.BackboneError, match=want) as e:
+        rlrr.create_backbone(f"hf:{folder}")
+    assert "\n" not in str(e.value) and "hf download" not in str(e.value)

@@ -6,7 +6,7 @@ import re
 import pytest
 import timm
 import torch
-from conftest import applied, tiny
+from conftest import applied, one_step, rel, round_trip, tiny
 from torch import nn
 
 import rlrr
@@ -87,43 +87,9 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(2, *size, generator=torch.Generator().manual_seed(1))
 
 
-def one_step(model: nn.Module, x: torch.Tensor) -> None:
-    """One Adam step on cross-entropy: every trainable tensor moves by about lr."""
-    opt = torch.optim.Adam([p for _, p in rlrr.trainable_parameters(model)], lr=1e-2)
-    model.train()
-    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1])).backward()
-    opt.step()
-    model.eval()
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_rlrr_reaches_every_architecture(name, tmp_path):
-    model, x = build(name)
-    types = {n: type(m) for n, m in model.named_modules()}
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        base = model(x)
-    model = rlrr.apply(model, rlrr.RLRRConfig(init="identity"))
-    s = rlrr.summary(model)
-    assert s["method_params"] > 0 and s["trainable_params"] == s["method_params"] + s["head_params"]
-    with torch.no_grad():
-        assert torch.allclose(model(x), base, atol=1e-5)  # identity init starts at the pretrained function
-    one_step(model, x)
-    with torch.no_grad():
-        ref = model(x)
-    assert rel(ref, base) > 1e-4  # the step changed the function
-    path = rlrr.save_adapter(model, tmp_path / "a.safetensors")
-    fresh, _ = build(name)
-    with torch.no_grad():
-        assert torch.allclose(rlrr.load_adapter(fresh, path).eval()(x), ref, atol=1e-6)
-        merged = rlrr.merge(model)
-        assert rel(merged(x), ref) <= 1e-5
-    assert list(merged.state_dict()) == keys
-    assert {n: type(m) for n, m in merged.named_modules()} == types
+    round_trip(lambda: build(name)[0], build(name)[1], tmp_path)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))

@@ -100,9 +100,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
+def num_classes_of(model: torch.nn.Module) -> int | None:
+    """The class count of a model's head: timm's ``num_classes``, HF's ``config.num_labels`` (a peft
+    wrapper answers for the model inside)."""
+    n = getattr(model, "num_classes", None)
+    return n if isinstance(n, int) else getattr(getattr(model, "config", None), "num_labels", None)
+
+
 def checkpoint_num_classes(name: str, tensors: dict[str, torch.Tensor]) -> int | None:
     """Class count of the classifier stored in ``tensors`` (an adapter or a merged checkpoint) for
-    model ``name``, found under the classifier name timm records for it (HF: ``classifier``); None without a head."""
+    model ``name``, found under the classifier name timm records for it (HF: ``classifier``), also inside
+    a peft adapter (``base_model.model.<head>``); None without a head."""
+    tensors = {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
     if name.startswith(PREFIX):
         head = tensors.get("classifier.weight", tensors.get("cls_classifier.weight"))
         return None if head is None else head.shape[0]

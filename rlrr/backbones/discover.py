@@ -4,21 +4,23 @@ Methods need to know which weight layers to adapt and which norms to rescale aft
 table row per architecture, the structure says it:
 
 * A **block** is a module that holds at least two weight layers (``nn.Linear`` / ``nn.Conv2d``) and a
-  norm, and that repeats: an item of a ``ModuleList``/``Sequential`` or a class used more than once.
-  Blocks are the outermost such modules, except that a module whose own items are blocks (a Swin or
-  ConvNeXt *stage*) is looked into, not taken whole.
-* **Targets** are the weight layers inside blocks that the forward pass really calls (BEiT and EVA read
-  ``qkv.weight`` directly; such a layer cannot be wrapped), never the classifier.
-* **Norms** are each block's own norms (not those inside a nested ``Sequential`` such as a ResNet
-  shortcut), the last norm before the first block (the stem's output) and the norms after the last
-  block (final norm); a stem without a norm has its last biased weight layer rescaled instead (ViT's
-  patch embedding, as the official RLRR code does).  Norms need an affine weight and bias, so that a
-  rescale after them folds into plain weights.
+  norm, and that repeats: an item of a container (a bare ``Sequential`` item too) or a class used more
+  than once.  Blocks are the outermost such modules, except that a module whose own items are blocks
+  (a Swin or ConvNeXt *stage*) is looked into, not taken whole.
+* **Targets** are the weight layers inside blocks whose output reaches the logits (BEiT, EVA and timm
+  Swin V2 read ``qkv.weight`` directly; such a layer is never called and cannot be wrapped), never
+  the classifier.
+* **Norms** are every norm inside each block except in its shortcut branch (``SHORTCUTS``), the last
+  norm before the first block (the stem's output) and the norms after the last block (final norm); a
+  stem without a norm has its last biased weight layer rescaled instead (ViT's patch embedding, as the
+  official RLRR code does).  A norm has a per-channel affine scale (``affine_of``) that is its last
+  operation (``affine_is_last``), so that a rescale after it folds into plain weights.
 * **Transitions** are the weight layers between blocks (Swin patch merging, ConvNeXt downsampling):
   adapted only on request, as the official Swin code's patch-merging option.
 
-Call order comes from one forward pass on a dummy input (the model's own input size) with hooks; a
-model whose input size is unknown falls back to registration order and skips the called-check.
+Call order, the input shape of each module and what reaches the logits come from one forward and
+backward pass on a dummy input (the model's own input size) with hooks; a model whose input size is
+unknown falls back to registration order and skips those checks.
 The four families written by hand before (ViT/DeiT, Swin, ConvNeXt, ResNet) are tests of this rule.
 """
 from __future__ import annotations
@@ -327,9 +329,14 @@ def _discover(model: nn.Module) -> Structure:
                      tuple(sorted(transitions, key=rank)), qkv, seq)
 
 
-def matching(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
-    """Modules whose full name matches ``pattern`` (anchored), skipping Identity placeholders."""
-    rx = re.compile(rf"(?:{pattern})")
+def matching(model: nn.Module, pattern: str, option: str = "targets") -> list[tuple[str, nn.Module]]:
+    """Modules whose full name matches ``pattern`` (anchored), skipping Identity placeholders; a pattern
+    that is no regex is a one-line error naming the ``option`` it was given as."""
+    try:
+        rx = re.compile(rf"(?:{pattern})")
+    except (re.error, TypeError) as e:
+        raise DiscoveryError(f"{option}={pattern!r} is not a valid regular expression ({e}); fix it "
+                             "(names are matched whole, e.g. 'blocks\\.\\d+\\.attn\\.qkv')") from None
     return [(n, m) for n, m in model.named_modules()
             if n and rx.fullmatch(n) and not isinstance(m, nn.Identity)]
 
@@ -358,5 +365,5 @@ def resolve(model: nn.Module, targets: str | None = None, norms: str | None = No
                    "wrapped" if odd else "found no repeated blocks of Linear/Conv2d layers with norms")
             raise DiscoveryError(f"{type(model).__name__}: {why}; pass targets=REGEX (CLI: --method-opt "
                                  "targets=REGEX) naming plain Linear/Conv2d layers to adapt")
-    norm_mods = matching(model, norms) if norms is not None else [(n, model.get_submodule(n)) for n in found.norms]
+    norm_mods = matching(model, norms, "norms") if norms is not None else [(n, model.get_submodule(n)) for n in found.norms]
     return weights, norm_mods, (found.qkv if found else "split")

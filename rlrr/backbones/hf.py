@@ -95,24 +95,58 @@ def create_hf(source: str, weights: str | Path | None, num_classes: int | None, 
         raise BackboneError(f"hf: models take no option(s) {sorted(kwargs)}")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    folder = Path(source) if Path(source).is_dir() else None
+    if folder is not None:
+        refuse_remote_code(folder)
     labels = {"num_labels": num_classes} if num_classes else {}
+    never = {"trust_remote_code": False}  # a checkpoint's own code is never run, nor offered at a prompt
     try:
-        config = _local_first(t.AutoConfig.from_pretrained, source, **labels)
-        if drop_path and hasattr(config, "drop_path_rate"):
-            config.drop_path_rate = drop_path
+        config = _local_first(t.AutoConfig.from_pretrained, source, **labels, **never)
+    except Exception as e:  # noqa: BLE001 - missing, offline, malformed: said with the fix for each
+        raise BackboneError(_load_error(source, folder, "config.json", e)) from None
+    if type(config) not in t.AutoModelForImageClassification._model_mapping:
+        raise BackboneError(f"hf:{source} is a {type(config).__name__.removesuffix('Config')} model, which "
+                            "transformers has no image classifier for; pass a vision model (ViT, DINOv2, Swin, ...)")
+    if drop_path and hasattr(config, "drop_path_rate"):
+        config.drop_path_rate = drop_path
+    try:
         if weights is None or str(weights).lower() == "none":
-            model = t.AutoModelForImageClassification.from_config(config)
+            model = t.AutoModelForImageClassification.from_config(config, **never)
         else:
             model = _local_first(t.AutoModelForImageClassification.from_pretrained, source, config=config,
-                                 ignore_mismatched_sizes=True)
-    except (OSError, ValueError, KeyError) as e:
-        where = "folder" if Path(source).exists() else "hub id"
-        raise BackboneError(
-            f"cannot load hf:{source} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); for a {where}: "
-            f"on a machine with network run `hf download {source} --local-dir DIR` and pass --model hf:DIR, "
-            "or fill the Hugging Face cache ($HF_HOME)") from None
+                                 ignore_mismatched_sizes=True, **never)
+    except Exception as e:  # noqa: BLE001 - as above, for the weights file
+        raise BackboneError(_load_error(source, folder, "weights", e)) from None
     model.pretrained_cfg = data_cfg(source, config)
     return model
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """A folder whose config asks for its own Python code (``auto_map``) is refused: rlrr loads only the
+    model classes transformers ships, so a downloaded checkpoint can never run code here."""
+    import json
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # no or unreadable config: the loader below says so
+    if isinstance(config, dict) and config.get("auto_map"):
+        from . import BackboneError
+        raise BackboneError(f"hf:{folder} needs its own code (auto_map in config.json), which rlrr never runs; "
+                             "use a checkpoint of a model class that transformers ships")
+
+
+def _load_error(source: str, folder: Path | None, what: str, e: Exception) -> str:
+    """The one line for a checkpoint that does not load: what is wrong with a local folder's file, or how
+    to get a hub id onto this machine."""
+    first = (str(e).splitlines() or [""])[0][:160]
+    if folder is None:
+        return (f"cannot load hf:{source} ({type(e).__name__}: {first}); on a machine with network run "
+                f"`hf download {source} --local-dir DIR` and pass --model hf:DIR, or fill the Hugging Face cache "
+                "($HF_HOME)")
+    if "pickle" in type(e).__name__.lower() or "weights_only" in str(e):
+        return (f"hf:{folder}: pytorch_model.bin holds pickled code, which rlrr never runs; convert the weights to "
+                "model.safetensors")
+    return f"hf:{folder}: its {what} file(s) do not load ({type(e).__name__}: {first}); fix or re-download the folder"
 
 
 def _local_first(load, source: str, **kwargs):

@@ -2,6 +2,7 @@
 ``csv:<file>`` or ``offline:<task>``; each gives train / val / trainval / test splits and a class count."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from .benchmarks import VTAB, fgvc_items, vtab_items
 from .images import DataError, ImageList, csv_list, image_folder
 from .offline import TASKS as OFFLINE_TASKS, offline_splits
 from .transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +39,30 @@ def _holdout(items: list, seed: int, val_frac: float = 0.2, test_frac: float = 0
     return {"train": train, "val": val, "trainval": train + val, "test": test}
 
 
+def check_class_count(spec: str, n: int, asked: int | None, inferred: bool) -> None:
+    """``--num-classes`` must match a dataset that knows its classes; where the count is only inferred from
+    the largest label seen (CSV, a VTAB-layout folder of another name) it may add classes, never drop them."""
+    if asked is None or asked == n or (inferred and asked > n):
+        return
+    known = f"its labels reach {n - 1}" if inferred else f"it has {n} classes"
+    raise DataError(f"{spec}: --num-classes {asked} does not fit the data ({known}); drop the flag or fix it")
+
+
+def warn_repeats(spec: str, items: dict[str, list]) -> None:
+    """Warn, with counts, about images listed twice in one split and test images also listed for training:
+    both go unnoticed otherwise and inflate or leak the reported accuracy."""
+    for split in ("train", "val", "test"):
+        paths = [p for p, _ in items.get(split, [])]
+        if len(set(paths)) < len(paths):
+            log.warning("%s: %d image(s) listed more than once in the %s split", spec,
+                        len(paths) - len(set(paths)), split)
+    test = {p for p, _ in items.get("test", [])}
+    leaked = {p for p, _ in items.get("trainval", []) if p in test}
+    if leaked:
+        log.warning("%s: %d test image(s) are also in the training lists (train/val), e.g. %s; the test "
+                    "accuracy is not held out", spec, len(leaked), sorted(leaked)[0])
+
+
 def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int = 0, skip_bad: bool = False,
                num_classes: int | None = None) -> Splits:
     """Parse a data spec and build its splits with transforms from the backbone's ``data_cfg``
@@ -45,6 +72,7 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
         raise DataError(f"data spec {spec!r} needs a kind: vtab1k:ROOT/TASK, fgvc:ROOT/NAME, folder:DIR, "
                         "csv:FILE or offline:TASK")
     size = data_cfg["input_size"][-1]
+    inferred = kind in ("csv",) or (kind == "vtab1k" and Path(where).name not in VTAB)  # from the labels seen
     if kind == "offline":
         parts = offline_splits(where, size, data_cfg["mean"], data_cfg["std"], seed=seed)
         n = parts["train"].num_classes
@@ -66,17 +94,18 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
             items, aug = _holdout(all_items, seed), kind_aug or "fgvc"
         else:
             raise DataError(f"unknown data kind {kind!r}; use vtab1k, fgvc, folder, csv or offline")
-        if num_classes is not None:
-            n = num_classes
+        check_class_count(spec, n, num_classes, inferred)
+        n = num_classes or n
+        warn_repeats(spec, items)
         tf = {"train": train_transform(data_cfg, aug), "eval": eval_transform(data_cfg, aug)}
         parts = {s: ImageList(v, n, tf["train" if s in ("train", "trainval") else "eval"], skip_bad, f"{path.name}/{s}")
                  for s, v in items.items()}
+    if kind == "offline":
+        check_class_count(spec, n, num_classes, False)
     empty = [s for s in ("train", "val", "test") if len(parts[s]) == 0]
     if empty:
         raise DataError(f"{spec}: the {empty[0]} split has no images; training selects on val and reports test, "
                         "so each split needs some")
-    if num_classes is not None and num_classes != n:
-        raise DataError(f"{spec} has {n} classes but --num-classes is {num_classes}; drop the flag or fix it")
     return Splits(where.rstrip("/").rsplit("/", 1)[-1], parts["train"], parts["val"], parts["trainval"],
                   parts["test"], n)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def open_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img))  # phone photos: stored sideways, tagged upright
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist; check the dataset root and the split file") from None
     except Image.DecompressionBombError as e:
@@ -90,16 +90,30 @@ def read_list_file(list_file: Path, image_root: Path) -> list[tuple[Path, int]]:
         raise DataError(f"split file {list_file} not found; the VTAB-1k layout needs train800.txt, "
                         "val200.txt, train800val200.txt and test.txt in the task folder")
     items = []
-    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+    for n, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), 1):  # a BOM is no path
         if not line.strip():
             continue
         path, _, label = line.rstrip().rpartition(" ")
-        if not label.lstrip("-").isdigit() or not path:
+        if not path:
             raise DataError(f"{list_file}:{n}: expected 'relative/path label', got {line!r}")
-        items.append((inside(image_root, path, f"{list_file}:{n}"), int(label)))
+        items.append((inside(image_root, path, f"{list_file}:{n}"), parse_label(label, f"{list_file}:{n}")))
     if not items:
         raise DataError(f"split file {list_file} lists no images; fill it with 'relative/path label' lines")
     return items
+
+
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; beyond this a label is a typo, not a class
+
+
+def parse_label(text: str, where: str) -> int:
+    """A class id ``0 <= label < MAX_CLASSES``, or a one-line error naming the file and line."""
+    text = text.strip()
+    if not text.isdigit():
+        raise DataError(f"{where}: label {text!r} is not a class id (a whole number 0, 1, 2, ...)")
+    if int(text) >= MAX_CLASSES:
+        raise DataError(f"{where}: label {text} would mean more than {MAX_CLASSES:,} classes; labels are class ids "
+                        "0..C-1: fix the label")
+    return int(text)
 
 
 def inside(root: Path, relative: str, where: str) -> Path:
@@ -117,12 +131,16 @@ def image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     from torchvision.datasets.folder import IMG_EXTENSIONS
     if not root.is_dir():
         raise DataError(f"folder {root} not found; --data folder:DIR needs one sub-folder per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))  # .ipynb_checkpoints
     if not classes:
         raise DataError(f"folder {root} has no class sub-folders; put images in DIR/<class>/...")
-    items = [(p, i) for i, c in enumerate(classes) for p in sorted((root / c).rglob("*"))
-             if p.suffix.lower() in IMG_EXTENSIONS]
-    return items, classes
+    per_class = [[p for p in sorted((root / c).rglob("*")) if p.suffix.lower() in IMG_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts)] for c in classes]
+    empty = [c for c, found in zip(classes, per_class) if not found]
+    if empty:
+        raise DataError(f"folder {root}: class folder(s) {', '.join(empty[:3])} hold no images; every class needs "
+                        "some: fill or remove them")
+    return [(p, i) for i, found in enumerate(per_class) for p in found], classes
 
 
 def csv_list(csv_file: Path) -> list[tuple[Path, int]]:
@@ -131,11 +149,13 @@ def csv_list(csv_file: Path) -> list[tuple[Path, int]]:
     if not csv_file.is_file():
         raise DataError(f"CSV file {csv_file} not found")
     items = []
-    with open(csv_file, newline="") as f:
+    with open(csv_file, newline="", encoding="utf-8-sig") as f:
         for n, row in enumerate(csv.reader(f), 1):
             if not row or (n == 1 and not row[-1].strip().lstrip("-").isdigit()):
                 continue  # blank line or header
             if len(row) < 2:
                 raise DataError(f"{csv_file}:{n}: expected 'path,label', got {row!r}")
-            items.append((csv_file.parent / row[0].strip(), int(row[1])))
+            if row[0].strip().isdigit() and not row[1].strip().isdigit():
+                raise DataError(f"{csv_file}:{n}: {row[:2]!r} looks like 'label,path'; the columns are 'path,label'")
+            items.append((csv_file.parent / row[0].strip(), parse_label(row[1], f"{csv_file}:{n}")))
     return items

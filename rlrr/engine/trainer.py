@@ -135,12 +135,14 @@ def run_lock(out: Path):
 
 class Trainer:
     """``settings``: what else identifies the run (model, weights, data, method, ...), checked on resume;
-    ``overwrite``: replace a finished or unfinished run in ``out`` instead of refusing."""
+    ``overwrite``: replace a finished or unfinished run in ``out`` instead of refusing; ``restart``: how the
+    caller starts a run over, said where a run cannot go on."""
 
     def __init__(self, make_model: Callable[[], torch.nn.Module], splits, cfg: TrainConfig, out: Path,
-                 settings: dict | None = None, overwrite: bool = False):
+                 settings: dict | None = None, overwrite: bool = False,
+                 restart: str = "pass --overwrite to start over"):
         self.make_model, self.splits, self.cfg, self.out = make_model, splits, cfg, Path(out)
-        self.overwrite = overwrite
+        self.overwrite, self.restart = overwrite, restart
         self.rank, self.world, self.device = dist.setup(cfg.device)
         if self.rank == 0:
             check_writable(self.out)
@@ -173,7 +175,7 @@ class Trainer:
             return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - truncated, foreign or pickled-code files all mean the same
             raise TrainingStopped(f"{self.ckpt_path} is not a readable rlrr checkpoint ({type(e).__name__}); "
-                                  "pass --overwrite to start the run over") from None
+                                  f"{self.restart}") from None
 
     def load_checkpoint(self, model, opt, sched, scaler) -> None:
         ck = self.read_checkpoint()
@@ -204,7 +206,7 @@ class Trainer:
         if not started:
             if finished:
                 raise TrainingStopped(f"{self.out} holds a finished run without checkpoint.pt to resume; "
-                                      "pass --overwrite to replace it")
+                                      f"{self.restart}")
             if self.rank == 0:
                 print(f"no checkpoint in {self.out}; starting from scratch")
             return None
@@ -214,7 +216,7 @@ class Trainer:
         if changed:
             diff = ", ".join(f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in changed)
             raise TrainingStopped(f"--resume: {self.ckpt_path} was saved with {diff}; resume with the same "
-                                  "settings or pass --overwrite to start over")
+                                  f"settings or {self.restart}")
         return saved
 
     # -- the run ---------------------------------------------------------------------------------

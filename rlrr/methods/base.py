@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..backbones.discover import classifier_modules
+from ..config import check_fields
 
 
 class MergeError(RuntimeError):
@@ -44,9 +45,14 @@ def get_method(name: str) -> Method:
     """A registered method, or a composed one: ``peft:<tuner>`` (peft's tuners), ``<method>+pace``."""
     from . import _load_all  # noqa: F401 - importing the package registers every method
     if name.startswith("peft:"):
+        if "+pace" in name:
+            raise ValueError(f"{name}: PACE wraps rlrr's own methods (rlrr, lora, ssf, adapter, hta), not peft "
+                             "tuners; drop +pace")
         from .peft import peft_method
         return peft_method(name[5:])
     if name.endswith("+pace"):
+        if name[:-5].endswith("+pace"):
+            raise ValueError(f"{name} applies PACE twice; use {name[:-5]}")
         from .pace import pace_method
         return pace_method(get_method(name[:-5]))
     if name not in METHODS:
@@ -56,6 +62,7 @@ def get_method(name: str) -> Method:
 
 def make_config(name: str, **overrides: Any):
     """A method's config from plain values (YAML/CLI/adapter metadata), rejecting unknown keys by name."""
+    get_method(name)  # an unknown or impossible name (PACE twice, PACE around peft) is refused first
     if name.startswith("peft:"):
         from .peft import make_peft_config
         return make_peft_config(name[5:], overrides)
@@ -67,7 +74,7 @@ def make_config(name: str, **overrides: Any):
     unknown = set(overrides) - fields
     if unknown:
         raise TypeError(f"{name} has no option(s) {sorted(unknown)}; known: {sorted(fields)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    return cls(**check_fields(cls, overrides, f"{name} option"))
 
 
 def apply(model: nn.Module, config: Any) -> nn.Module:

@@ -19,6 +19,7 @@ CLI ``--method rlrr --pace sigma=1,lambda=0.1``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.discover import discover
+from ..config import check_fields
 from .base import Method, cross_entropy
 
+MAX_SIGMA = 10.0
 PACE_KEYS = {"sigma": "sigma", "lambda": "lam", "lam": "lam", "quiet_blocks": "quiet_blocks"}
 
 
@@ -46,8 +49,11 @@ class PaceConfig:
         return f"{self.inner.method}+pace"
 
     def __post_init__(self) -> None:
-        if not (self.sigma >= 0 and self.lam >= 0):
-            raise ValueError(f"PACE sigma and lambda must be 0 or more, not {self.sigma}, {self.lam}")
+        # the noise multiplies each layer's update: far beyond a few units it only drowns the signal in NaN
+        if not 0 <= self.sigma <= MAX_SIGMA:
+            raise ValueError(f"PACE sigma must be in [0, {MAX_SIGMA:g}] (the paper sweeps 0.1-2), not {self.sigma}")
+        if not 0 <= self.lam < math.inf:
+            raise ValueError(f"PACE lambda must be a finite number 0 or more, not {self.lam}")
         if not (isinstance(self.quiet_blocks, int) and self.quiet_blocks >= 0):
             raise ValueError(f"PACE quiet_blocks must be a whole number 0 or more, not {self.quiet_blocks!r}")
 
@@ -133,4 +139,4 @@ def pace_config(inner_name: str, values: dict) -> PaceConfig:
     values = dict(values)
     own = {PACE_KEYS[k]: values.pop(k) for k in list(values) if k in PACE_KEYS}
     inner = values.pop("inner", None) or {}
-    return PaceConfig(inner=make_config(inner_name, **{**inner, **values}), **own)
+    return PaceConfig(inner=make_config(inner_name, **{**inner, **values}), **check_fields(PaceConfig, own, "PACE"))

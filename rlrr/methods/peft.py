@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..backbones.discover import classifier_modules, discover, is_norm, role
+from ..config import check_fields
 from .base import Method, MergeError
 
 PREFIX = "peft:"
@@ -78,6 +79,7 @@ def peft_config(model: nn.Module, cfg: PeftMethodConfig):
                          "convolutions); pass target_modules=... naming layers this tuner supports")
     if "feedforward_modules" in cls.__dataclass_fields__ and "feedforward_modules" not in cfg.options:
         opts["feedforward_modules"] = [n for n in opts["target_modules"] if role(n) == "fc2"]
+    opts = check_fields(cls, opts, f"peft {name} option")
     try:
         return cls(**opts)
     except (TypeError, ValueError) as e:
