@@ -157,6 +157,8 @@ MORE = {
         image_size=32, depth_multiplier=0.35, num_labels=3)), 32),
     "resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
         embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)), 32),
+    "regnet": (lambda: T.RegNetForImageClassification(T.RegNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=3)), 32),
     "data2vec": (lambda: T.Data2VecVisionForImageClassification(T.Data2VecVisionConfig(**SMALL, num_labels=3)), 32),
     "siglip": (lambda: T.SiglipForImageClassification(T.SiglipConfig(
         vision_config=dict(SMALL), text_config=dict(TEXT), num_labels=3)), 32),

@@ -11,7 +11,7 @@ from conftest import round_trip
 from torch import nn
 
 import rlrr
-from rlrr.backbones.discover import DiscoveryError, affine_is_last, discover, is_norm, role, trace
+from rlrr.backbones.discover import DiscoveryError, input_only_via_affine, discover, is_norm, role, trace
 from rlrr.methods.ssf import FeatureRescale
 
 
@@ -152,9 +152,13 @@ def test_global_response_norm_is_not_folded_into():
     model = FAMILIES["convnextv2_atto (GRN)"][0]().eval()
     name = "stages.0.blocks.0.mlp.grn"
     grn = model.get_submodule(name)
-    assert is_norm(grn) and not affine_is_last(grn, trace(model).shapes[name])
+    assert is_norm(grn) and not input_only_via_affine(grn, trace(model).shapes[name])
     assert not any(n.endswith("grn") for n in discover(model).norms)
-    assert affine_is_last(nn.LayerNorm(8), (2, 8))
+    assert input_only_via_affine(nn.LayerNorm(8), (2, 8))
+    from timm.layers import BatchNormAct2d  # the activation after the affine: the rescale folds in before it
+    assert input_only_via_affine(BatchNormAct2d(8), (2, 8, 3, 3))
+    found = discover(timm.create_model("efficientnet_b0", pretrained=False, num_classes=5).eval())
+    assert {"blocks.1.0.bn1", "blocks.1.0.bn2", "blocks.1.0.bn3"} <= set(found.norms)
 
 
 def test_swin_v2_adapts_what_its_forward_calls():

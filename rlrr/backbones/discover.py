@@ -13,8 +13,8 @@ table row per architecture, the structure says it:
 * **Norms** are every norm inside each block except in its shortcut branch (``SHORTCUTS``), the last
   norm before the first block (the stem's output) and the norms after the last block (final norm); a
   stem without a norm has its last biased weight layer rescaled instead (ViT's patch embedding, as the
-  official RLRR code does).  A norm has a per-channel affine scale (``affine_of``) that is its last
-  operation (``affine_is_last``), so that a rescale after it folds into plain weights.
+  official RLRR code does).  A norm has a per-channel affine scale (``affine_of``) through which alone
+  its input reaches its output (``input_only_via_affine``), so that a rescale folds into plain weights.
 * **Transitions** are the weight layers between blocks (Swin patch merging, ConvNeXt downsampling):
   adapted only on request, as the official Swin code's patch-merging option.
 
@@ -123,20 +123,24 @@ def is_norm(m: nn.Module) -> bool:
     return affine_of(m) is not None
 
 
-def affine_is_last(m: nn.Module, shape: tuple[int, ...]) -> bool:
-    """Whether the affine is the norm's last operation (doubling scale and shift doubles the output), so
-    that ``γ·norm(x) + β`` folds into it.  ConvNeXt-V2's GlobalResponseNorm adds its input back after
-    its affine (``x + w·GRN(x) + b``): a rescale folded there would not be the documented formula."""
+def input_only_via_affine(m: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether the norm's input reaches its output only through its affine (with scale and shift zero,
+    the output no longer depends on the input), so that a rescale folded into the affine is the
+    documented ``γ·norm(x) + β`` — before the activation of a norm-act layer (timm's ``BatchNormAct2d``).
+    ConvNeXt-V2's GlobalResponseNorm adds its input back after its affine (``x + w·GRN(x) + b``): a
+    rescale folded there would be another function, so it gets none."""
     scale, shift = affine_of(m)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(getattr(m, scale))
-    twice = {n: 2 * getattr(m, n) for n in (scale, shift) if n}
+    g = torch.Generator().manual_seed(0)
+    like = getattr(m, scale)
+    zero = {n: torch.zeros_like(getattr(m, n)) for n in (scale, shift) if n}
     was = m.training
     try:
         with torch.no_grad():  # in eval mode: a BatchNorm's running statistics must not move
-            y, y2 = m.eval()(x), torch.func.functional_call(m, twice, (x,))
+            a, b = (torch.func.functional_call(m.eval(), zero, (torch.randn(shape, generator=g).to(like),))
+                    for _ in range(2))
     finally:
         m.train(was)
-    return bool(torch.allclose(y2, 2 * y, rtol=1e-4, atol=1e-5))
+    return bool(torch.allclose(a, b))
 
 
 def classifier_modules(model: nn.Module) -> list[nn.Module]:
@@ -321,9 +325,9 @@ def _discover(model: nn.Module) -> Structure:
     final = [n for n, m in outside if rank(n) > hi and is_norm(m)]
     transitions = [n for n, m in outside if lo < rank(n) < hi and is_weight_layer(m)]
     norms = [n for n in block_norms if live(n)] + stem[-1:] + final
-    if seen is not None:  # a rescale folds into a norm's affine only where that affine comes last
+    if seen is not None:  # a rescale folds into a norm's affine only where the input passes through it
         norms = [n for n in norms if not is_norm(m := model.get_submodule(n)) or n not in seen.shapes
-                 or affine_is_last(m, seen.shapes[n])]
+                 or input_only_via_affine(m, seen.shapes[n])]
     qkv = "fused" if type(model).__name__ in FUSED_QKV_CLASSES else "split"
     return Structure(tuple(blocks), tuple(sorted(targets, key=rank)), tuple(sorted(norms, key=rank)),
                      tuple(sorted(transitions, key=rank)), qkv, seq)
