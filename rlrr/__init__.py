@@ -10,10 +10,11 @@ __version__ = "0.1.0"
 
 from .adapter import AdapterMismatchError, load_adapter, save_adapter
 from .backbones import BackboneError, create_backbone
+from .bank import AdapterBank
 from .methods.base import MergeError, apply, format_summary, get_method, make_config, merge, summary, trainable_parameters
 from .methods.rlrr import RLRRConfig, RescaledConv2d, RescaledLinear
 from .methods.ssf import SSFConfig
 
-__all__ = ["AdapterMismatchError", "BackboneError", "MergeError", "RLRRConfig", "RescaledConv2d", "RescaledLinear",
+__all__ = ["AdapterBank", "AdapterMismatchError", "BackboneError", "MergeError", "RLRRConfig", "RescaledConv2d", "RescaledLinear",
            "SSFConfig", "apply", "create_backbone", "format_summary", "get_method", "load_adapter", "make_config",
            "merge", "save_adapter", "summary", "trainable_parameters"]

@@ -74,7 +74,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         if key not in meta:
             raise AdapterMismatchError(f"{path}: its metadata has no '{key}' (edited or written by hand?); "
                                        "save adapters with rlrr.save_adapter")
-    for key in ("config", "input_size"):
+    for key in ("config", "input_size", "class_names"):
         try:
             json.loads(meta.get(key, "null"))
         except json.JSONDecodeError:
@@ -85,6 +85,12 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         raise AdapterMismatchError(f"{path}: tensor '{bad}' holds NaN or Inf values; the run that wrote it "
                                    "diverged: retrain (lower --lr) rather than use it")
     return tensors, meta
+
+
+def class_names(path: str | Path, num_classes: int) -> list[str]:
+    """The class names an adapter recorded (by class id), or the ids as text where it recorded none."""
+    names = json.loads(read_adapter(path)[1].get("class_names", "[]"))
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
 def load_adapter(model: torch.nn.Module, path: str | Path, check_fingerprint: bool = True) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""The ``rlrr`` command line: train, eval, predict, merge, export, info, demo, pretrain, bench, analyze.
+"""The ``rlrr`` command line: train, eval, predict, merge, export, info, demo, pretrain, bench, serve, analyze.
 
 Every error a user can cause ends as one ``error: ...`` line and exit status 2; no torch traceback.
 """
@@ -159,10 +159,12 @@ def cmd_predict(args) -> None:
     from .data.images import open_rgb
     from .data.transforms import eval_transform
     from .files import atomic_write
+    from .adapter import class_names
     from .backbones import num_classes_of
     out = not_an_input(output_file(args.output), args)
     model = adapted_model(args)
-    topk = min(args.topk, num_classes_of(model))
+    n = num_classes_of(model)
+    topk, names = min(args.topk, n), class_names(args.adapter, n) if args.adapter else [str(i) for i in range(n)]
     tf = eval_transform(data_config(model), "none")
     root = Path(args.images)
     if not root.is_dir():
@@ -177,7 +179,7 @@ def cmd_predict(args) -> None:
             probs = logits_of(model(torch.stack([tf(open_rgb(p)) for p in chunk]))).softmax(-1)
             top = probs.topk(topk, dim=-1)
             for p, v, k in zip(chunk, top.values, top.indices):
-                rows.append([str(p.relative_to(root))] + [x for kk, vv in zip(k, v) for x in (int(kk), f"{vv:.4f}")])
+                rows.append([str(p.relative_to(root))] + [x for kk, vv in zip(k, v) for x in (names[kk], f"{vv:.4f}")])
     atomic_write(out, lambda f: csv.writer(f).writerows(rows), "w")  # a failed run leaves an old CSV intact
     print(f"wrote {len(files)} predictions to {args.output}")
 
@@ -304,6 +306,29 @@ def cmd_analyze(args) -> dict:
                         Path(args.output), args.topk, check_fingerprint=not args.ignore_fingerprint)
 
 
+def cmd_serve(args) -> None:
+    try:
+        from .serve import Service, serve
+        import fastapi  # noqa: F401 - the [serve] extra
+    except ImportError:
+        raise RuntimeError("rlrr serve needs the serve extra; pip install 'rlrr[serve]'") from None
+    from .bank import AdapterBank
+    from .data.transforms import eval_transform
+    folder = Path(args.adapters) if args.adapters else None
+    if folder is not None and not folder.is_dir():
+        raise FileNotFoundError(f"--adapters {folder} is not a folder; name the folder holding the *.safetensors adapters")
+    pinned = {}
+    for spec in args.adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            raise ValueError(f"--adapter {spec!r} must be NAME=PATH with an existing adapter file")
+        pinned[name] = Path(path)
+    model = backbone(args, None)
+    service = Service(AdapterBank(model, mode=args.mode), eval_transform(data_config(model), "none"), folder, pinned,
+                      args.max_batch, args.max_wait_ms)
+    serve(service, args.host, args.port)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line, like every other rlrr error."""
 
@@ -404,6 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="one task, one epoch: a CI-sized check of the runner")
     p.add_argument("--output", default="runs/bench", type=path_arg)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="HTTP classification service over many task adapters on one backbone")
+    add_model_args(p, adapter=False)
+    p.add_argument("--adapters", help="folder of *.safetensors adapters, each a task named by its file stem "
+                                      "(rescanned: drop a file in or remove it, no restart)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="one more task (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=at_least(1), default=8000)
+    p.add_argument("--max-batch", type=at_least(1), default=32, help="images per bank call at most")
+    p.add_argument("--max-wait-ms", type=at_least(0.0, float), default=10.0,
+                   help="how long the first queued image waits for others to share its batch")
+    p.add_argument("--mode", choices=["auto", "shared", "grouped"], default="auto",
+                   help="how adapted layers run a mixed batch (see rlrr.bank)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("analyze", help="SVD view of how adapters change the pretrained weights")
     add_model_args(p, adapter=False)

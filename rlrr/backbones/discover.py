@@ -123,6 +123,13 @@ def is_norm(m: nn.Module) -> bool:
     return affine_of(m) is not None
 
 
+def channel_dim(m: nn.Module) -> int:
+    """Where a layer's channels are in its output: 1 for convolutions, BatchNorm, GroupNorm and the
+    ``*2d`` norms (timm ``LayerNorm2d``), -1 (channels last) for Linear and token norms."""
+    first = (nn.Conv2d, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+    return 1 if isinstance(m, first) or type(m).__name__.lower().endswith("2d") else -1
+
+
 def input_only_via_affine(m: nn.Module, shape: tuple[int, ...]) -> bool:
     """Whether the norm's input reaches its output only through its affine (with scale and shift zero,
     the output no longer depends on the input), so that a rescale folded into the affine is the

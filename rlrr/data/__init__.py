@@ -25,6 +25,10 @@ class Splits:
     trainval: Dataset
     test: Dataset
     num_classes: int
+    class_names: list[str] | None = None  # by class id, where the layout names them (folder names)
+
+    def __post_init__(self) -> None:
+        self.class_names = self.class_names or [str(i) for i in range(self.num_classes)]
 
     def __getitem__(self, split: str) -> Dataset:
         return getattr(self, split)
@@ -72,6 +76,7 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
         raise DataError(f"data spec {spec!r} needs a kind: vtab1k:ROOT/TASK, fgvc:ROOT/NAME, folder:DIR, "
                         "csv:FILE or offline:TASK")
     size = data_cfg["input_size"][-1]
+    names = None
     inferred = kind in ("csv",) or (kind == "vtab1k" and Path(where).name not in VTAB)  # from the labels seen
     if kind == "offline":
         parts = offline_splits(where, size, data_cfg["mean"], data_cfg["std"], seed=seed)
@@ -86,8 +91,8 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
             aug = kind_aug or "fgvc"
         elif kind in ("folder", "csv"):
             if kind == "folder":
-                all_items, classes = image_folder(path)
-                n = len(classes)
+                all_items, names = image_folder(path)
+                n = len(names)
             else:
                 all_items = csv_list(path)
                 n = max(label for _, label in all_items) + 1 if all_items else 0
@@ -107,7 +112,7 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
         raise DataError(f"{spec}: the {empty[0]} split has no images; training selects on val and reports test, "
                         "so each split needs some")
     return Splits(where.rstrip("/").rsplit("/", 1)[-1], parts["train"], parts["val"], parts["trainval"],
-                  parts["test"], n)
+                  parts["test"], n, names if names and len(names) == n else None)
 
 
 __all__ = ["DataError", "OFFLINE_TASKS", "Splits", "VTAB", "build_data"]

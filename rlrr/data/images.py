@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,20 +31,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """Open and fully decode an image of any mode, turning every decoder failure into one ``DataError``."""
+def open_rgb(path: Path | BinaryIO, fix: str = "remove or re-download it, or pass --skip-bad-images") -> Image.Image:
+    """Open and fully decode an image of any mode (a file, or an upload's bytes as a file object), turning
+    every decoder failure into one ``DataError`` that ends with ``fix``."""
+    name = path if isinstance(path, (str, Path)) else "upload"
     try:
         with Image.open(path) as img:
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))  # phone photos: stored sideways, tagged upright
     except FileNotFoundError:
-        raise DataError(f"image {path} does not exist; check the dataset root and the split file") from None
+        raise DataError(f"image {name} does not exist; check the dataset root and the split file") from None
     except Image.DecompressionBombError as e:
-        raise DataError(f"image {path} is larger than PIL's decompression-bomb limit ({str(e).split('.')[0]}); "
+        raise DataError(f"image {name} is larger than PIL's decompression-bomb limit ({str(e).split('.')[0]}); "
                         "downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"image {path} is unreadable or truncated ({type(e).__name__}); remove or "
-                        "re-download it, or pass --skip-bad-images") from None
+        raise DataError(f"image {name} is unreadable or truncated ({type(e).__name__}); {fix}") from None
 
 
 class ImageList(Dataset):

@@ -284,7 +284,7 @@ class Trainer:
                         self.state["best"] = {"epoch": epoch + 1, "acc": ev["acc"], "split": eval_split}
                         if self.rank == 0:
                             save_adapter(dist.unwrap(model), self.out / "best_adapter.safetensors",
-                                         {"epoch": str(epoch + 1), "protocol": cfg.protocol})
+                                         {"epoch": str(epoch + 1), **self.adapter_meta()})
                 row["epoch_s"] = round(time.time() - t0, 2)
                 self.state["wall_s"] += row["epoch_s"]
                 self.state["history"].append(row)
@@ -322,12 +322,17 @@ class Trainer:
         if self.rank == 0:
             from .report import plot_history
             with self.writing():
-                save_adapter(plain, self.out / "adapter.safetensors", {"protocol": cfg.protocol})
+                save_adapter(plain, self.out / "adapter.safetensors", self.adapter_meta())
                 plot_history(st["history"], self.out / "curves.png", title=f"{result['method']} on {self.splits.name}")
                 text = json.dumps(result, indent=1)
                 atomic_write(self.out / "summary.json", lambda f: f.write(text), "w")  # last: marks it finished
         dist.barrier()
         return result
+
+    def adapter_meta(self) -> dict[str, str]:
+        """What an adapter file of this run records beside its tensors: the protocol, and the task's class
+        names (by class id) so that predictions and a served bank can say names, not indices."""
+        return {"protocol": self.cfg.protocol, "class_names": json.dumps(self.splits.class_names)}
 
     @contextlib.contextmanager
     def writing(self):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.discover import affine_of, is_weight_layer, resolve
+from ..backbones.discover import affine_of, channel_dim, is_weight_layer, resolve
 from .base import Method, MergeError, Wrapper, freeze, merge_modules, register, replace
 
 
@@ -38,8 +38,7 @@ class FeatureRescale(Wrapper):
             raise TypeError(f"cannot rescale the output of a {type(inner).__name__}; name norms with a per-channel "
                             "affine, or Linear/Conv2d layers")
         self.inner = inner
-        channels_first = (nn.Conv2d, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-        self.channel_dim = 1 if isinstance(inner, channels_first) else -1
+        self.channel_dim = channel_dim(inner)
         like = getattr(inner, self.affine[0]) if self.affine else inner.weight
         c = like.numel() if self.affine else like.shape[0]
         self.scale = nn.Parameter(torch.ones(c, dtype=like.dtype, device=like.device))

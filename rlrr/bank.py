@@ -1,0 +1,397 @@
+"""Many tasks on one frozen backbone: a bank of adapters, served per sample in mixed-task batches.
+
+Every adapter the bank serves (RLRR at any rank, split or fused qkv, with its SSF rescales; SSF;
+BitFit; LoRA; a linear probe) changes the backbone only at a few *sites*, by per-channel vectors and
+low-rank factors.  The bank keeps the backbone once and, at each site, stacks every task's tensors
+along a task axis, gathered per row of the batch at forward time:
+
+* a Linear / Conv2d site:  ``y = (x W'_tᵀ + b_t)·γ_t + β_t``,  ``W'_t = W + (Σ s_l s_rᵀ)_t ⊙ W + (B A)_t``
+  (RLRR's rescale and bias shift, LoRA's update, BitFit's bias, SSF's output rescale);
+* a norm site:             ``y = norm₀(x)·w_t + b_t``  (``norm₀`` without its affine: SSF and BitFit folded).
+
+A Linear site runs a batch in one of two forms.  *Shared*: one GEMM with W for every row, one more on
+the rows pre-scaled by ``s_r[t]`` (then ``⊙ s_l[t]``) for RLRR, and LoRA's rank-r products per row —
+two GEMMs however many tasks the batch mixes.  *Grouped*: per task, one GEMM of its rows with its own
+``W'_t`` formed for the call — one GEMM's work in all, plus a pass over W per task.  ``mode="auto"``
+takes the grouped form when each task present holds at least ``GROUPED_ROWS`` rows (measured in
+``benchmarks/bank.py``).  A conv's RLRR rescale is not per channel, so a conv site with one runs grouped.
+
+A layer's rows map to samples in blocks: a ViT's (B, N, C) has one row per sample, Swin's windowed
+(B·nW, N, C) has nW consecutive rows per sample.  Methods that change whole weights (full fine-tuning)
+or add computation (VPT, AdaptFormer) are refused in one line, as are peft tuners.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import AdapterMismatchError, load_adapter, read_adapter
+from .backbones import architecture, checkpoint_num_classes, fingerprint, set_num_classes
+from .backbones.discover import affine_of, channel_dim, classifier_modules, input_only_via_affine, is_weight_layer
+from .methods.base import replace
+from .methods.lora import LoRALinear
+from .methods.rlrr import RescaledConv2d, RescaledLinear, _Rescaled
+from .methods.ssf import FeatureRescale
+
+SERVABLE = ("rlrr", "ssf", "bitfit", "linear", "lora")
+GROUPED_ROWS = 256  # rows per task from which one GEMM per task (and its W'_t) beats the shared form
+
+
+@dataclass
+class Rows:
+    """The task slot of each sample of the batch being served (set by the bank around a forward)."""
+    tasks: torch.Tensor | None = None
+
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        """The task slot of each row of a layer's input: samples in consecutive blocks of rows."""
+        n = len(self.tasks)
+        if x.shape[0] % n:
+            raise ValueError(f"a layer's input has {x.shape[0]} rows for {n} samples: it does not carry the batch "
+                             "(a constant table), so this model cannot be served per sample")
+        return self.tasks.repeat_interleave(x.shape[0] // n)
+
+
+def per_row(v: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-row vectors ``v`` (L, C) viewed to broadcast over ``x`` with channels at ``dim``."""
+    shape = [v.shape[0]] + [1] * (x.ndim - 1)
+    shape[dim] = v.shape[-1]
+    return v.view(shape)
+
+
+class Site(nn.Module):
+    """A frozen backbone layer with every task's tensors for it, stacked by task slot (``stack[kind]``
+    is ``(tasks, ...)``).  A task without a kind gets the kind's identity (zero update, unit scale,
+    the base bias); ranks differ between tasks, so rank axes are zero-padded to the largest."""
+
+    PAD: dict[str, int] = {}  # kind -> axis of one task's tensor that is a rank (zero-padded)
+
+    def __init__(self, base: nn.Module, rows: Rows):
+        super().__init__()
+        self.base, self.rows = base.requires_grad_(False), rows
+        self.stack: dict[str, torch.Tensor] = {}
+        self.tasks = 0
+
+    def identity(self, kind: str, like: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        """Append one task's row; ``values`` holds the kinds this task sets."""
+        values = {k: v.detach() for k, v in values.items()}
+        for kind in set(self.stack) | set(values):
+            have = self.stack.get(kind)
+            if have is None:  # a kind no earlier task had: identities for them first
+                like = values[kind]
+                have = torch.stack([self.identity(kind, like)] * self.tasks) if self.tasks else like[None][:0]
+            row = values[kind] if kind in values else self.identity(kind, have.new_zeros(have.shape[1:]))
+            axis = self.PAD.get(kind)
+            if axis is not None and row.shape[axis] != have.shape[axis + 1]:
+                size = max(row.shape[axis], have.shape[axis + 1])
+                row, have = _pad(row, axis, size), _pad(have, axis + 1, size)
+            self.stack[kind] = torch.cat([have, row.to(have)[None]])
+        self.tasks += 1
+
+    def remove(self, slot: int) -> None:
+        keep = [i for i in range(self.tasks) if i != slot]
+        self.stack = {k: v[keep] for k, v in self.stack.items()}
+        self.tasks -= 1
+
+    def affine_out(self, y: torch.Tensor, tr: torch.Tensor, dim: int) -> torch.Tensor:
+        """``y·γ[t] + bias[t]`` per row, for the kinds present."""
+        if "gamma" in self.stack:
+            y = y * per_row(self.stack["gamma"][tr], y, dim)
+        if "bias" in self.stack:
+            y = y + per_row(self.stack["bias"][tr], y, dim)
+        return y
+
+
+def _pad(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    pad = [0, 0] * (t.ndim - axis - 1) + [0, size - t.shape[axis]]
+    return F.pad(t, pad)
+
+
+class WeightSite(Site):
+    """A Linear or Conv2d: shared or grouped form (module docstring); ``rescaler`` is a task's RLRR layer,
+    kept for its geometry (groups, the conv's matrix view) so W'_t is formed by RLRR's own code."""
+
+    PAD = {"scale_l": 0, "scale_r": 0, "lora_A": 0, "lora_B": 1}
+
+    def __init__(self, base: nn.Module, rows: Rows, mode: str):
+        super().__init__(base, rows)
+        self.mode, self.rescaler = mode, None
+        self.dim = 1 if isinstance(base, nn.Conv2d) else -1
+
+    def identity(self, kind: str, like: torch.Tensor) -> torch.Tensor:
+        if kind == "gamma":
+            return torch.ones_like(like)
+        if kind == "bias" and self.base.bias is not None:
+            return self.base.bias.detach()
+        return torch.zeros_like(like)
+
+    def task_weights(self, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W'_t, b'_t) of one task (bias and γ are applied per row by ``affine_out``)."""
+        s, w = self.stack, self.base.weight
+        if "scale_l" in s:
+            w, _ = self.rescaler.effective(weight=w, bias=None, scale_l=s["scale_l"][t], scale_r=s["scale_r"][t])
+        if "lora_A" in s:
+            w = w + s["lora_B"][t] @ s["lora_A"][t]
+        return w, None
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        """As ``Site.add``; an RLRR task whose qkv shares one ``s_r`` (fused, 1 group) beside tasks with q, k,
+        v split (3 groups) is the same rescale written in 3 groups: s_l cut in 3, s_r repeated."""
+        groups = self.stack["scale_l"].shape[2] if "scale_l" in self.stack else None
+        if "scale_l" in values and groups is not None and values["scale_l"].shape[1] != groups:
+            if groups == 1:  # the new task splits: regroup every earlier row instead
+                self.stack = {**self.stack, **regrouped(self.stack["scale_l"], self.stack["scale_r"],
+                                                        values["scale_l"].shape[1], axis=1)}
+            else:
+                values = {**values, **regrouped(values["scale_l"], values["scale_r"], groups, axis=0)}
+        super().add(values)
+
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.base._conv_forward(x, w, None) if isinstance(self.base, nn.Conv2d) else F.linear(x, w)
+
+    def grouped(self, tr: torch.Tensor) -> bool:
+        if self.mode != "auto":
+            return self.mode == "grouped" or (self.dim == 1 and "scale_l" in self.stack)
+        if self.dim == 1 and "scale_l" in self.stack:
+            return True
+        counts = torch.bincount(tr)
+        return bool(counts[counts > 0].min() >= GROUPED_ROWS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tr = self.rows.of(x)
+        if self.grouped(tr):
+            y = None
+            for t in tr.unique().tolist():
+                rows = (tr == t).nonzero().squeeze(1)
+                part = self.op(x[rows], self.task_weights(t)[0])
+                y = part.new_empty(x.shape[0], *part.shape[1:]) if y is None else y
+                y[rows] = part
+            return self.affine_out(y, tr, self.dim)
+        y = self.op(x, self.base.weight)
+        s = self.stack
+        if "scale_l" in s:  # Σ_k s_l[t] ⊙ ((x ⊙ s_r[t]) W_gᵀ), per row block g of the weight
+            rank, groups, rows = s["scale_l"].shape[1:]
+            w = self.base.weight.view(groups, rows, -1)
+            parts = [sum(per_row(s["scale_l"][tr, k, g], x, -1) * F.linear(x * per_row(s["scale_r"][tr, k, g], x, -1), w[g])
+                         for k in range(rank)) for g in range(groups)]
+            y = y + torch.cat(parts, dim=-1)
+        if "lora_A" in s:  # (x A[t]ᵀ) B[t]ᵀ per row
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            h = torch.bmm(flat, s["lora_A"][tr].transpose(1, 2))
+            y = y + torch.bmm(h, s["lora_B"][tr].transpose(1, 2)).view(y.shape)
+        return self.affine_out(y, tr, self.dim)
+
+
+def regrouped(scale_l: torch.Tensor, scale_r: torch.Tensor, groups: int, axis: int) -> dict[str, torch.Tensor]:
+    """One-group RLRR factors (rank, 1, rows·groups), (rank, 1, cols) as ``groups`` row blocks sharing s_r;
+    ``axis`` is the rank axis (0 for one task's tensors, 1 for a stack)."""
+    lead = scale_l.shape[:axis + 1]
+    return {"scale_l": scale_l.reshape(*lead, groups, -1),
+            "scale_r": scale_r.expand(*lead, groups, scale_r.shape[-1]).contiguous()}
+
+
+class NormSite(Site):
+    """A norm: its output without the affine, then each row's task affine (``w_t``, ``b_t``)."""
+
+    def __init__(self, base: nn.Module, rows: Rows):
+        super().__init__(base, rows)
+        self.names, self.dim = affine_of(base), channel_dim(base)
+
+    def identity(self, kind: str, like: torch.Tensor) -> torch.Tensor:
+        name = self.names[0] if kind == "gamma" else self.names[1]
+        own = getattr(self.base, name) if name else None
+        return own.detach().reshape(-1) if own is not None else torch.zeros_like(like)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.base
+        plain = {name: torch.ones_like(getattr(n, name)) if i == 0 else torch.zeros_like(getattr(n, name))
+                 for i, name in enumerate(self.names) if name}
+        normed = torch.func.functional_call(n, plain, (x,))
+        return self.affine_out(normed, self.rows.of(x), self.dim)
+
+
+@dataclass
+class Task:
+    """What the bank holds for one task besides its site rows: its head and its class names."""
+    head: nn.Module
+    class_names: list[str] = field(default_factory=list)
+    path: str = ""
+
+
+class AdapterBank(nn.Module):
+    """A frozen timm backbone serving many tasks' adapters at once (see the module docstring).
+
+    ``bank(images, tasks)`` -> one logit tensor per image from its own task's head;
+    ``add(name, path)`` / ``remove(name)`` at any time; ``mode``: "auto", "shared" or "grouped".
+    """
+
+    def __init__(self, backbone: nn.Module, adapters: dict[str, str | Path] | None = None, mode: str = "auto"):
+        super().__init__()
+        if mode not in ("auto", "shared", "grouped"):
+            raise ValueError(f"mode must be 'auto', 'shared' or 'grouped', not {mode!r}")
+        if not hasattr(backbone, "forward_head") or len(classifier_modules(backbone)) != 1:
+            raise ValueError(f"the bank serves timm backbones with one classifier head; {architecture(backbone)} "
+                             "is not one")
+        self.model, self.mode, self.rows = backbone.eval().requires_grad_(False), mode, Rows()
+        self.fingerprint = fingerprint(backbone)
+        self.tasks: dict[str, Task] = {}
+        for name, path in (adapters or {}).items():
+            self.add(name, path)
+
+    # --- adding and removing tasks -----------------------------------------------------------------
+    def plain(self) -> nn.Module:
+        """A copy of the backbone without the bank's sites (what an adapter is loaded onto)."""
+        model = copy.deepcopy(self.model)
+        for name, m in list(model.named_modules()):
+            if isinstance(m, Site):
+                replace(model, name, m.base)
+        return model
+
+    def add(self, name: str, path: str | Path, check_fingerprint: bool = True) -> Task:
+        if name in self.tasks:
+            raise ValueError(f"task {name!r} is already in the bank; remove it first")
+        tensors, meta = read_adapter(path)
+        method = meta["method"].removesuffix("+pace")  # PACE only regularises training
+        if method not in SERVABLE:
+            raise AdapterMismatchError(f"{path}: {meta['method']} adapters cannot be served per sample (the bank "
+                                       f"serves {', '.join(SERVABLE)}: per-channel vectors and low-rank updates)")
+        plain = self.plain()
+        set_num_classes(plain, checkpoint_num_classes(architecture(plain), tensors) or 1)  # the task's own head
+        try:
+            adapted = load_adapter(plain, path, check_fingerprint=check_fingerprint).eval()
+        except AdapterMismatchError as e:
+            raise AdapterMismatchError(f"{e} (bank backbone {architecture(self.model)})") from None
+        with torch.no_grad():
+            sites, head = task_sites(adapted, self.plain())
+        for site_name, (kind, values, rescaler) in sites.items():
+            site = self.site(site_name, kind)
+            if rescaler is not None and (site.rescaler is None or rescaler.scale_l.shape[1] > site.rescaler.scale_l.shape[1]):
+                site.rescaler = rescaler  # its geometry forms W'_t: the one with the most qkv groups
+        for site_name, site in self.sites().items():
+            site.add(sites.get(site_name, (None, {}, None))[1])
+        task = Task(head, json.loads(meta.get("class_names", "[]")), str(path))
+        self.tasks[name] = task
+        return task
+
+    def remove(self, name: str) -> None:
+        if name not in self.tasks:
+            raise KeyError(f"no task {name!r} in the bank; tasks: {', '.join(self.tasks) or 'none'}")
+        slot = list(self.tasks).index(name)
+        for site in self.sites().values():
+            site.remove(slot)
+        del self.tasks[name]
+
+    def sites(self) -> dict[str, Site]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, Site)}
+
+    def site(self, name: str, kind: type) -> Site:
+        """The site at ``name``, made on first use (earlier tasks get identity rows)."""
+        have = self.model.get_submodule(name)
+        if isinstance(have, Site):
+            return have
+        site = WeightSite(have, self.rows, self.mode) if kind is WeightSite else NormSite(have, self.rows)
+        if isinstance(site, NormSite) and not input_only_via_affine(have, _probe_shape(have)):
+            raise AdapterMismatchError(f"{name} ({type(have).__name__}) adds its input past its affine; a task's "
+                                       "change to it cannot be served per sample")
+        for _ in self.tasks:
+            site.add({})
+        replace(self.model, name, site)
+        return site
+
+    # --- serving -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
+        if len(tasks) != len(images):
+            raise ValueError(f"{len(images)} images but {len(tasks)} task names; give one task per image")
+        unknown = sorted(set(tasks) - set(self.tasks))
+        if unknown:
+            raise KeyError(f"no task {unknown[0]!r} in the bank; tasks: {', '.join(self.tasks) or 'none'}")
+        names = list(self.tasks)
+        self.rows.tasks = torch.tensor([names.index(t) for t in tasks], device=images.device)
+        try:
+            feats = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+        finally:
+            self.rows.tasks = None
+        out: list[torch.Tensor | None] = [None] * len(tasks)
+        for name in dict.fromkeys(tasks):
+            idx = [i for i, t in enumerate(tasks) if t == name]
+            for i, logits in zip(idx, self.tasks[name].head(feats[idx])):
+                out[i] = logits
+        return out
+
+
+def task_sites(adapted: nn.Module, plain: nn.Module) -> tuple[dict[str, tuple[type, dict, nn.Module | None]], nn.Module]:
+    """Where an adapted model differs from the plain backbone, as site rows: ``{name: (site kind,
+    {kind: tensor}, RLRR layer or None)}``, and its head.  Anything else that differs (a whole weight)
+    cannot be served per sample and is refused, naming it."""
+    heads = classifier_modules(adapted)
+    head_ids = {id(m) for h in heads for m in h.modules()}
+    own = dict(plain.named_modules())
+    sites: dict[str, tuple[type, dict, nn.Module | None]] = {}
+    done: list[str] = []
+    for name, m in adapted.named_modules():
+        if not name or id(m) in head_ids or any(name.startswith(d + ".") for d in done):
+            continue
+        if isinstance(m, _Rescaled):
+            values = {"scale_l": m.scale_l, "scale_r": m.scale_r}
+            if m.bias is not None:
+                values["bias"] = m.bias + m.shift
+            sites[name], _ = (WeightSite, values, m), done.append(name)
+        elif isinstance(m, LoRALinear):
+            a = torch.cat(list(m.lora_A))
+            b = a.new_zeros(m.base.out_features, a.shape[0])
+            col = 0
+            for (lo, hi), B in zip(m.slices, m.lora_B):
+                b[lo:hi, col:col + B.shape[1]] = m.scaling * B
+                col += B.shape[1]
+            sites[name], _ = (WeightSite, {"lora_A": a, "lora_B": b}, None), done.append(name)
+        elif isinstance(m, FeatureRescale):
+            sites[name] = rescale_row(m)
+            done.append(name)
+        elif name in own and (is_weight_layer(m) or affine_of(m) is not None):
+            changed = plain_changes(name, m, own[name])
+            if changed:
+                sites[name] = changed
+    return sites, copy.deepcopy(heads[0])
+
+
+def rescale_row(m: FeatureRescale) -> tuple[type, dict, None]:
+    """SSF's rescale: folded into a norm's per-task affine, or the output affine of a weight layer."""
+    inner, gamma = m.inner, m.scale.detach()
+    if m.affine:
+        w_name, b_name = m.affine
+        bias = getattr(inner, b_name).reshape(-1) * gamma + m.shift if b_name else None
+        return NormSite, {"gamma": getattr(inner, w_name).reshape(-1) * gamma,
+                          **({"bias": bias} if bias is not None else {})}, None
+    bias = (inner.bias * gamma if inner.bias is not None else 0) + m.shift
+    return WeightSite, {"gamma": gamma, "bias": bias}, None
+
+
+def plain_changes(name: str, m: nn.Module, base: nn.Module) -> tuple[type, dict, None] | None:
+    """A plain layer's parameters that a method changed in place: biases (BitFit) and norm affines."""
+    if is_weight_layer(m):
+        if not torch.equal(m.weight, base.weight):
+            raise AdapterMismatchError(f"the adapter changes the whole weight of {name}; only per-channel and "
+                                       "low-rank changes can be served per sample (merge it and serve it alone)")
+        same = m.bias is None or torch.equal(m.bias, base.bias)
+        return None if same else (WeightSite, {"bias": m.bias}, None)
+    w_name, b_name = affine_of(m)
+    if all(torch.equal(getattr(m, n), getattr(base, n)) for n in (w_name, b_name) if n):
+        return None
+    values = {"gamma": getattr(m, w_name).reshape(-1)}
+    if b_name:
+        values["bias"] = getattr(m, b_name).reshape(-1)
+    return NormSite, values, None
+
+
+def _probe_shape(m: nn.Module) -> tuple[int, ...]:
+    c = getattr(m, affine_of(m)[0]).numel()
+    return (2, c, 3, 3) if channel_dim(m) == 1 else (2, 3, c)
