@@ -308,8 +308,7 @@ def cmd_analyze(args) -> dict:
 
 def cmd_serve(args) -> None:
     try:
-        from .serve import Service, serve
-        import fastapi  # noqa: F401 - the [serve] extra
+        from .serve import Service, serve  # FastAPI and uvicorn: the [serve] extra
     except ImportError:
         raise RuntimeError("rlrr serve needs the serve extra; pip install 'rlrr[serve]'") from None
     from .bank import AdapterBank

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
 
 from .bank import AdapterBank
 from .data.images import DataError, open_rgb
@@ -127,9 +130,6 @@ class Service:
 
 def create_app(service: Service):
     """The FastAPI app: ``/`` (a page), ``GET /v1/tasks``, ``POST /v1/classify``, ``POST /v1/tasks/rescan``."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.exceptions import HTTPException
 
     async def lifespan(app):
         service.queue = asyncio.Queue()
