@@ -36,11 +36,11 @@ from .backbones import architecture, checkpoint_num_classes, fingerprint, set_nu
 from .backbones.discover import affine_of, channel_dim, classifier_modules, input_only_via_affine, is_weight_layer
 from .methods.base import replace
 from .methods.lora import LoRALinear
-from .methods.rlrr import RescaledConv2d, RescaledLinear, _Rescaled
+from .methods.rlrr import _Rescaled, workspace
 from .methods.ssf import FeatureRescale
 
 SERVABLE = ("rlrr", "ssf", "bitfit", "linear", "lora")
-GROUPED_ROWS = 256  # rows per task from which one GEMM per task (and its W'_t) beats the shared form
+GROUPED_ROWS = 256  # GEMM rows per task from which one GEMM per task (and its W'_t) beats the shared form
 
 
 @dataclass
@@ -55,6 +55,12 @@ class Rows:
             raise ValueError(f"a layer's input has {x.shape[0]} rows for {n} samples: it does not carry the batch "
                              "(a constant table), so this model cannot be served per sample")
         return self.tasks.repeat_interleave(x.shape[0] // n)
+
+
+def one_task(tr: torch.Tensor) -> int | None:
+    """The task slot when every row belongs to one task (then vectors broadcast instead of being gathered)."""
+    lo, hi = int(tr.min()), int(tr.max())
+    return lo if lo == hi else None
 
 
 def per_row(v: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -102,11 +108,14 @@ class Site(nn.Module):
         self.tasks -= 1
 
     def affine_out(self, y: torch.Tensor, tr: torch.Tensor, dim: int) -> torch.Tensor:
-        """``y·γ[t] + bias[t]`` per row, for the kinds present."""
+        """``y·γ[t] + bias[t]`` per row, for the kinds present (one task's vectors broadcast when the batch
+        holds one task)."""
+        t = one_task(tr)
+        pick = (lambda v: v[t].expand(len(tr), -1)) if t is not None else (lambda v: v[tr])
         if "gamma" in self.stack:
-            y = y * per_row(self.stack["gamma"][tr], y, dim)
+            y = y * per_row(pick(self.stack["gamma"]), y, dim)
         if "bias" in self.stack:
-            y = y + per_row(self.stack["bias"][tr], y, dim)
+            y = y + per_row(pick(self.stack["bias"]), y, dim)
         return y
 
 
@@ -121,10 +130,15 @@ class WeightSite(Site):
 
     PAD = {"scale_l": 0, "scale_r": 0, "lora_A": 0, "lora_B": 1}
 
-    def __init__(self, base: nn.Module, rows: Rows, mode: str):
+    def __init__(self, base: nn.Module, rows: Rows, mode: str, keep_last: bool):
         super().__init__(base, rows)
-        self.mode, self.rescaler = mode, None
+        self.mode, self.rescaler, self.keep_last = mode, None, keep_last
+        self.last: tuple[int, torch.Tensor] | None = None  # (slot, W') of the last one-task batch
         self.dim = 1 if isinstance(base, nn.Conv2d) else -1
+
+    def remove(self, slot: int) -> None:
+        super().remove(slot)
+        self.last = None  # slots after it moved
 
     def identity(self, kind: str, like: torch.Tensor) -> torch.Tensor:
         if kind == "gamma":
@@ -133,17 +147,19 @@ class WeightSite(Site):
             return self.base.bias.detach()
         return torch.zeros_like(like)
 
-    def task_weights(self, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W'_t, b'_t) of one task (bias and γ are applied per row by ``affine_out``)."""
+    def task_weight(self, t: int) -> torch.Tensor:
+        """W'_t of one task, for one GEMM/conv: formed by RLRR's own code into its reused workspace (bias
+        and γ are applied per row by ``affine_out``)."""
         s, w = self.stack, self.base.weight
         if "scale_l" in s:
-            w, _ = self.rescaler.effective(weight=w, bias=None, scale_l=s["scale_l"][t], scale_r=s["scale_r"][t])
+            w = self.rescaler.rescaled(w, s["scale_l"][t], s["scale_r"][t], plus=w, out=workspace(w))
         if "lora_A" in s:
             w = w + s["lora_B"][t] @ s["lora_A"][t]
-        return w, None
+        return w
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
-        """As ``Site.add``; an RLRR task whose qkv shares one ``s_r`` (fused, 1 group) beside tasks with q, k,
+        """As ``Site.add`` (a new task's rows never move the others: the kept W' stays valid, unless a rank
+        axis grew); an RLRR task whose qkv shares one ``s_r`` (fused, 1 group) beside tasks with q, k,
         v split (3 groups) is the same rescale written in 3 groups: s_l cut in 3, s_r repeated."""
         groups = self.stack["scale_l"].shape[2] if "scale_l" in self.stack else None
         if "scale_l" in values and groups is not None and values["scale_l"].shape[1] != groups:
@@ -153,36 +169,49 @@ class WeightSite(Site):
             else:
                 values = {**values, **regrouped(values["scale_l"], values["scale_r"], groups, axis=0)}
         super().add(values)
+        self.last = None
 
     def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self.base._conv_forward(x, w, None) if isinstance(self.base, nn.Conv2d) else F.linear(x, w)
 
-    def grouped(self, tr: torch.Tensor) -> bool:
-        if self.mode != "auto":
-            return self.mode == "grouped" or (self.dim == 1 and "scale_l" in self.stack)
+    def grouped(self, x: torch.Tensor, tr: torch.Tensor) -> bool:
+        """Whether to run one GEMM per task: forced by ``mode``, always for a conv's RLRR rescale, and in
+        "auto" when the tasks present hold ``GROUPED_ROWS`` GEMM rows (tokens) each on average: forming a
+        task's W' costs about what a GEMM of that many rows costs, and the shared form a second GEMM."""
         if self.dim == 1 and "scale_l" in self.stack:
             return True
-        counts = torch.bincount(tr)
-        return bool(counts[counts > 0].min() >= GROUPED_ROWS)
+        if self.mode != "auto":
+            return self.mode == "grouped"
+        tokens = x[0].numel() // x.shape[self.dim]  # GEMM rows per leading row
+        present = int((torch.bincount(tr) > 0).sum())
+        return len(tr) * tokens >= GROUPED_ROWS * present
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tr = self.rows.of(x)
-        if self.grouped(tr):
+        if self.grouped(x, tr):
+            t = one_task(tr)
+            if t is not None:  # the whole batch is one task: no gather, no scatter; its W' kept for the next
+                if not self.keep_last:
+                    return self.affine_out(self.op(x, self.task_weight(t)), tr, self.dim)
+                if self.last is None or self.last[0] != t:
+                    self.last = (t, self.task_weight(t).clone())
+                return self.affine_out(self.op(x, self.last[1]), tr, self.dim)
             y = None
             for t in tr.unique().tolist():
                 rows = (tr == t).nonzero().squeeze(1)
-                part = self.op(x[rows], self.task_weights(t)[0])
+                part = self.op(x[rows], self.task_weight(t))
                 y = part.new_empty(x.shape[0], *part.shape[1:]) if y is None else y
                 y[rows] = part
             return self.affine_out(y, tr, self.dim)
         y = self.op(x, self.base.weight)
         s = self.stack
-        if "scale_l" in s:  # Σ_k s_l[t] ⊙ ((x ⊙ s_r[t]) W_gᵀ), per row block g of the weight
+        if "scale_l" in s:  # += s_l[t] ⊙ ((x ⊙ s_r[t]) W_gᵀ) in place, per rank k and row block g of W
             rank, groups, rows = s["scale_l"].shape[1:]
             w = self.base.weight.view(groups, rows, -1)
-            parts = [sum(per_row(s["scale_l"][tr, k, g], x, -1) * F.linear(x * per_row(s["scale_r"][tr, k, g], x, -1), w[g])
-                         for k in range(rank)) for g in range(groups)]
-            y = y + torch.cat(parts, dim=-1)
+            for k in range(rank):
+                for g in range(groups):
+                    z = F.linear(x * per_row(s["scale_r"][tr, k, g], x, -1), w[g])
+                    y[..., g * rows:(g + 1) * rows].addcmul_(z, per_row(s["scale_l"][tr, k, g], x, -1))
         if "lora_A" in s:  # (x A[t]ᵀ) B[t]ᵀ per row
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
             h = torch.bmm(flat, s["lora_A"][tr].transpose(1, 2))
@@ -211,11 +240,16 @@ class NormSite(Site):
         return own.detach().reshape(-1) if own is not None else torch.zeros_like(like)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.base
-        plain = {name: torch.ones_like(getattr(n, name)) if i == 0 else torch.zeros_like(getattr(n, name))
-                 for i, name in enumerate(self.names) if name}
-        normed = torch.func.functional_call(n, plain, (x,))
-        return self.affine_out(normed, self.rows.of(x), self.dim)
+        n, tr = self.base, self.rows.of(x)
+        t = one_task(tr)
+        kinds = ("gamma", "bias")
+        if t is not None:  # one task: its affine folded into the norm, exactly the merged model's norm
+            own = {name: self.stack[k][t].view_as(getattr(n, name)) if k in self.stack else getattr(n, name)
+                   for k, name in zip(kinds, self.names) if name}
+            return torch.func.functional_call(n, own, (x,))
+        plain = {name: torch.ones_like(getattr(n, name)) if k == "gamma" else torch.zeros_like(getattr(n, name))
+                 for k, name in zip(kinds, self.names) if name}
+        return self.affine_out(torch.func.functional_call(n, plain, (x,)), tr, self.dim)
 
 
 @dataclass
@@ -230,17 +264,20 @@ class AdapterBank(nn.Module):
     """A frozen timm backbone serving many tasks' adapters at once (see the module docstring).
 
     ``bank(images, tasks)`` -> one logit tensor per image from its own task's head;
-    ``add(name, path)`` / ``remove(name)`` at any time; ``mode``: "auto", "shared" or "grouped".
+    ``add(name, path)`` / ``remove(name)`` at any time; ``mode``: "auto", "shared" or "grouped";
+    ``keep_last``: keep the W' of the last batch that held one task, so that consecutive batches of one
+    task cost what the plain backbone costs (memory: one copy of the adapted weights).
     """
 
-    def __init__(self, backbone: nn.Module, adapters: dict[str, str | Path] | None = None, mode: str = "auto"):
+    def __init__(self, backbone: nn.Module, adapters: dict[str, str | Path] | None = None, mode: str = "auto",
+                 keep_last: bool = True):
         super().__init__()
         if mode not in ("auto", "shared", "grouped"):
             raise ValueError(f"mode must be 'auto', 'shared' or 'grouped', not {mode!r}")
         if not hasattr(backbone, "forward_head") or len(classifier_modules(backbone)) != 1:
             raise ValueError(f"the bank serves timm backbones with one classifier head; {architecture(backbone)} "
                              "is not one")
-        self.model, self.mode, self.rows = backbone.eval().requires_grad_(False), mode, Rows()
+        self.model, self.mode, self.keep_last, self.rows = backbone.eval().requires_grad_(False), mode, keep_last, Rows()
         self.fingerprint = fingerprint(backbone)
         self.tasks: dict[str, Task] = {}
         for name, path in (adapters or {}).items():
@@ -274,6 +311,7 @@ class AdapterBank(nn.Module):
         for site_name, (kind, values, rescaler) in sites.items():
             site = self.site(site_name, kind)
             if rescaler is not None and (site.rescaler is None or rescaler.scale_l.shape[1] > site.rescaler.scale_l.shape[1]):
+                rescaler.weight, rescaler.bias = site.base.weight, site.base.bias  # not the loaded copy's
                 site.rescaler = rescaler  # its geometry forms W'_t: the one with the most qkv groups
         for site_name, site in self.sites().items():
             site.add(sites.get(site_name, (None, {}, None))[1])
@@ -297,7 +335,7 @@ class AdapterBank(nn.Module):
         have = self.model.get_submodule(name)
         if isinstance(have, Site):
             return have
-        site = WeightSite(have, self.rows, self.mode) if kind is WeightSite else NormSite(have, self.rows)
+        site = WeightSite(have, self.rows, self.mode, self.keep_last) if kind is WeightSite else NormSite(have, self.rows)
         if isinstance(site, NormSite) and not input_only_via_affine(have, _probe_shape(have)):
             raise AdapterMismatchError(f"{name} ({type(have).__name__}) adds its input past its affine; a task's "
                                        "change to it cannot be served per sample")

@@ -193,6 +193,19 @@ def test_predict_header_has_the_columns_it_writes(trained, task, tmp_path):
     assert len(rows[0]) == 21 and {len(r) for r in rows} == {21}
 
 
+def test_class_names_travel_from_folder_names_to_predictions(tmp_path):
+    root = make_folder(tmp_path / "f", n=40)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, *PRE, "--data", f"folder:{root}", "--output", str(out)]) == 0
+    names = sorted(d.name for d in root.iterdir())
+    assert rlrr.adapter.class_names(out / "adapter.safetensors", len(names)) == names
+    csv_out = tmp_path / "p.csv"
+    assert main(["predict", *infer("--adapter", str(out / "adapter.safetensors")), "--images", str(root),
+                 "--output", str(csv_out), "--topk", "2"]) == 0
+    rows = list(csv.reader(csv_out.open()))[1:]
+    assert rows and all(r[1] in names and r[3] in names for r in rows)
+
+
 def test_bench_lists_drop_blanks_and_repeats_and_seeds_are_integers(capsys):
     args = build_parser().parse_args(["bench", "--methods", "linear,,linear, rlrr", "--seeds", "0,1,0"])
     assert args.methods == ["linear", "rlrr"] and args.seeds == [0, 1]
