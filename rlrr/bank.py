@@ -302,12 +302,14 @@ class AdapterBank(nn.Module):
                                        f"serves {', '.join(SERVABLE)}: per-channel vectors and low-rank updates)")
         plain = self.plain()
         set_num_classes(plain, checkpoint_num_classes(architecture(plain), tensors) or 1)  # the task's own head
+        plain.backbone_fingerprint = self.fingerprint  # the head does not count: no need to hash it again
         try:
             adapted = load_adapter(plain, path, check_fingerprint=check_fingerprint).eval()
         except AdapterMismatchError as e:
             raise AdapterMismatchError(f"{e} (bank backbone {architecture(self.model)})") from None
+        frozen = {n: m.base if isinstance(m, Site) else m for n, m in self.model.named_modules()}
         with torch.no_grad():
-            sites, head = task_sites(adapted, self.plain())
+            sites, head = task_sites(adapted, frozen)
         for site_name, (kind, values, rescaler) in sites.items():
             site = self.site(site_name, kind)
             if rescaler is not None and (site.rescaler is None or rescaler.scale_l.shape[1] > site.rescaler.scale_l.shape[1]):
@@ -366,13 +368,13 @@ class AdapterBank(nn.Module):
         return out
 
 
-def task_sites(adapted: nn.Module, plain: nn.Module) -> tuple[dict[str, tuple[type, dict, nn.Module | None]], nn.Module]:
-    """Where an adapted model differs from the plain backbone, as site rows: ``{name: (site kind,
-    {kind: tensor}, RLRR layer or None)}``, and its head.  Anything else that differs (a whole weight)
-    cannot be served per sample and is refused, naming it."""
+def task_sites(adapted: nn.Module, own: dict[str, nn.Module]) -> tuple[dict[str, tuple[type, dict, nn.Module | None]],
+                                                                        nn.Module]:
+    """Where an adapted model differs from the frozen backbone (``own``: its modules by name), as site
+    rows: ``{name: (site kind, {kind: tensor}, RLRR layer or None)}``, and its head.  Anything else that
+    differs (a whole weight) cannot be served per sample and is refused, naming it."""
     heads = classifier_modules(adapted)
     head_ids = {id(m) for h in heads for m in h.modules()}
-    own = dict(plain.named_modules())
     sites: dict[str, tuple[type, dict, nn.Module | None]] = {}
     done: list[str] = []
     for name, m in adapted.named_modules():
