@@ -9,16 +9,24 @@ along a task axis, gathered per row of the batch at forward time:
   (RLRR's rescale and bias shift, LoRA's update, BitFit's bias, SSF's output rescale);
 * a norm site:             ``y = norm₀(x)·w_t + b_t``  (``norm₀`` without its affine: SSF and BitFit folded).
 
-A Linear site runs a batch in one of two forms.  *Shared*: one GEMM with W for every row, one more on
-the rows pre-scaled by ``s_r[t]`` (then ``⊙ s_l[t]``) for RLRR, and LoRA's rank-r products per row —
-two GEMMs however many tasks the batch mixes.  *Grouped*: per task, one GEMM of its rows with its own
-``W'_t`` formed for the call — one GEMM's work in all, plus a pass over W per task.  ``mode="auto"``
-takes the grouped form when each task present holds at least ``GROUPED_ROWS`` rows (measured in
-``benchmarks/bank.py``).  A conv's RLRR rescale is not per channel, so a conv site with one runs grouped.
+The bank sorts a batch by task, so each task's samples are one slice of it (a layer's rows map to
+samples in blocks: a ViT's (B, N, C) has one row per sample, Swin's windowed (B·nW, N, C) has nW
+consecutive rows per sample), and runs it in one of three forms:
 
-A layer's rows map to samples in blocks: a ViT's (B, N, C) has one row per sample, Swin's windowed
-(B·nW, N, C) has nW consecutive rows per sample.  Methods that change whole weights (full fine-tuning)
-or add computation (VPT, AdaptFormer) are refused in one line, as are peft tuners.
+* *per task* (``mode="auto"`` when the tasks hold ``GROUPED_SAMPLES`` samples each on average, and any
+  batch of one task): each task's slice through the network on its own, every layer with that task's
+  ``W'_t`` formed for the call — one GEMM's work in all plus a pass over W per task, like swapping
+  adapters, without the copies; a whole batch of one task keeps its W' for the next (``keep_last``);
+* *shared* (``"auto"`` otherwise): one GEMM with W for every row, one more on the rows pre-scaled by
+  ``s_r[t]`` (then ``⊙ s_l[t]``) for RLRR, LoRA's rank-r products per row — two GEMMs however many
+  tasks the batch mixes; norms run once per task slice with their affine folded in (up to
+  ``SPAN_NORMS`` tasks), else once with per-row affines;
+* *grouped* (``mode="grouped"``): one forward, each layer one GEMM per task slice (for comparison).
+
+A conv's RLRR rescale is not per channel, so a conv site with one runs per task slice in every form.
+Methods that change whole weights (full fine-tuning) or add computation (VPT, AdaptFormer, HTA, APLA)
+are refused in one line, as are peft tuners; the choice between the forms is measured in
+``benchmarks/bank.py``.
 """
 from __future__ import annotations
 
@@ -40,27 +48,30 @@ from .methods.rlrr import _Rescaled, workspace
 from .methods.ssf import FeatureRescale
 
 SERVABLE = ("rlrr", "ssf", "bitfit", "linear", "lora")
-GROUPED_ROWS = 256  # GEMM rows per task from which one GEMM per task (and its W'_t) beats the shared form
+GROUPED_SAMPLES = 8  # samples per task (on average) from which "auto" runs each task's slice on its own
+SPAN_NORMS = 16  # up to this many tasks in a batch, a norm runs once per task with its affine folded in
 
 
 @dataclass
 class Rows:
-    """The task slot of each sample of the batch being served (set by the bank around a forward)."""
-    tasks: torch.Tensor | None = None
+    """The batch being served, its samples sorted by task (set by the bank around a forward):
+    ``segments`` are ``(task slot, first sample, samples)``, so each task's rows are one slice."""
+    segments: list[tuple[int, int, int]] | None = None
+    whole: bool = False  # the segments are the whole batch (not one task's slice run on its own)
 
-    def of(self, x: torch.Tensor) -> torch.Tensor:
-        """The task slot of each row of a layer's input: samples in consecutive blocks of rows."""
-        n = len(self.tasks)
+    def spans(self, x: torch.Tensor) -> list[tuple[int, int, int]]:
+        """``(task slot, first row, end row)`` of a layer's input: samples in consecutive blocks of rows."""
+        n = sum(c for _, _, c in self.segments)
         if x.shape[0] % n:
             raise ValueError(f"a layer's input has {x.shape[0]} rows for {n} samples: it does not carry the batch "
                              "(a constant table), so this model cannot be served per sample")
-        return self.tasks.repeat_interleave(x.shape[0] // n)
+        k = x.shape[0] // n
+        return [(t, k * a, k * (a + c)) for t, a, c in self.segments]
 
-
-def one_task(tr: torch.Tensor) -> int | None:
-    """The task slot when every row belongs to one task (then vectors broadcast instead of being gathered)."""
-    lo, hi = int(tr.min()), int(tr.max())
-    return lo if lo == hi else None
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        """The task slot of each row of a layer's input (for the per-row forms)."""
+        spans = self.spans(x)
+        return torch.cat([torch.full((b - a,), t, device=x.device) for t, a, b in spans])
 
 
 def per_row(v: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -108,15 +119,17 @@ class Site(nn.Module):
         self.tasks -= 1
 
     def affine_out(self, y: torch.Tensor, tr: torch.Tensor, dim: int) -> torch.Tensor:
-        """``y·γ[t] + bias[t]`` per row, for the kinds present (one task's vectors broadcast when the batch
-        holds one task)."""
-        t = one_task(tr)
-        pick = (lambda v: v[t].expand(len(tr), -1)) if t is not None else (lambda v: v[tr])
+        """``y·γ[t] + bias[t]`` per row, for the kinds present."""
         if "gamma" in self.stack:
-            y = y * per_row(pick(self.stack["gamma"]), y, dim)
+            y = y * per_row(self.stack["gamma"][tr], y, dim)
         if "bias" in self.stack:
-            y = y + per_row(pick(self.stack["bias"]), y, dim)
+            y = y + per_row(self.stack["bias"][tr], y, dim)
         return y
+
+    def per_span(self, x: torch.Tensor, spans: list[tuple[int, int, int]], run) -> torch.Tensor:
+        """``run(rows of x, task slot)`` for each task's slice of rows, joined (one slice: no copy)."""
+        parts = [run(x[a:b], t) for t, a, b in spans]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _pad(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
@@ -148,14 +161,22 @@ class WeightSite(Site):
         return torch.zeros_like(like)
 
     def task_weight(self, t: int) -> torch.Tensor:
-        """W'_t of one task, for one GEMM/conv: formed by RLRR's own code into its reused workspace (bias
-        and γ are applied per row by ``affine_out``)."""
+        """W'_t of one task, for one GEMM/conv: formed by RLRR's own code into its reused workspace."""
         s, w = self.stack, self.base.weight
         if "scale_l" in s:
             w = self.rescaler.rescaled(w, s["scale_l"][t], s["scale_r"][t], plus=w, out=workspace(w))
         if "lora_A" in s:
             w = w + s["lora_B"][t] @ s["lora_A"][t]
         return w
+
+    def task_forward(self, x: torch.Tensor, t: int, w: torch.Tensor | None = None) -> torch.Tensor:
+        """One task's rows through its own layer: ``(x W'_tᵀ)·γ_t + bias_t``, the bias inside the GEMM."""
+        w = self.task_weight(t) if w is None else w
+        bias = self.stack["bias"][t] if "bias" in self.stack else self.base.bias
+        if "gamma" not in self.stack:
+            return self.op(x, w, bias)
+        y = self.op(x, w, None) * per_row(self.stack["gamma"][t][None], x, self.dim)
+        return y if bias is None else y + per_row(bias[None], y, self.dim)
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         """As ``Site.add`` (a new task's rows never move the others: the kept W' stays valid, unless a rank
@@ -171,38 +192,21 @@ class WeightSite(Site):
         super().add(values)
         self.last = None
 
-    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self.base._conv_forward(x, w, None) if isinstance(self.base, nn.Conv2d) else F.linear(x, w)
-
-    def grouped(self, x: torch.Tensor, tr: torch.Tensor) -> bool:
-        """Whether to run one GEMM per task: forced by ``mode``, always for a conv's RLRR rescale, and in
-        "auto" when the tasks present hold ``GROUPED_ROWS`` GEMM rows (tokens) each on average: forming a
-        task's W' costs about what a GEMM of that many rows costs, and the shared form a second GEMM."""
-        if self.dim == 1 and "scale_l" in self.stack:
-            return True
-        if self.mode != "auto":
-            return self.mode == "grouped"
-        tokens = x[0].numel() // x.shape[self.dim]  # GEMM rows per leading row
-        present = int((torch.bincount(tr) > 0).sum())
-        return len(tr) * tokens >= GROUPED_ROWS * present
+    def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return self.base._conv_forward(x, w, b) if isinstance(self.base, nn.Conv2d) else F.linear(x, w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spans = self.rows.spans(x)
+        if len(spans) == 1:  # one task's rows: its own layer; a whole batch of one task keeps its W'
+            t = spans[0][0]
+            if not (self.keep_last and self.rows.whole):
+                return self.task_forward(x, t)
+            if self.last is None or self.last[0] != t:
+                self.last = (t, self.task_weight(t).clone())
+            return self.task_forward(x, t, self.last[1])
+        if self.mode == "grouped" or self.dim == 1 and "scale_l" in self.stack:  # a conv's rescale: per task
+            return self.per_span(x, spans, self.task_forward)
         tr = self.rows.of(x)
-        if self.grouped(x, tr):
-            t = one_task(tr)
-            if t is not None:  # the whole batch is one task: no gather, no scatter; its W' kept for the next
-                if not self.keep_last:
-                    return self.affine_out(self.op(x, self.task_weight(t)), tr, self.dim)
-                if self.last is None or self.last[0] != t:
-                    self.last = (t, self.task_weight(t).clone())
-                return self.affine_out(self.op(x, self.last[1]), tr, self.dim)
-            y = None
-            for t in tr.unique().tolist():
-                rows = (tr == t).nonzero().squeeze(1)
-                part = self.op(x[rows], self.task_weight(t))
-                y = part.new_empty(x.shape[0], *part.shape[1:]) if y is None else y
-                y[rows] = part
-            return self.affine_out(y, tr, self.dim)
         y = self.op(x, self.base.weight)
         s = self.stack
         if "scale_l" in s:  # += s_l[t] ⊙ ((x ⊙ s_r[t]) W_gᵀ) in place, per rank k and row block g of W
@@ -239,17 +243,21 @@ class NormSite(Site):
         own = getattr(self.base, name) if name else None
         return own.detach().reshape(-1) if own is not None else torch.zeros_like(like)
 
+    def task_forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """One task's rows through the norm with its affine folded in: exactly the merged model's norm."""
+        n = self.base
+        own = {name: self.stack[k][t].view_as(getattr(n, name)) if k in self.stack else getattr(n, name)
+               for k, name in zip(("gamma", "bias"), self.names) if name}
+        return torch.func.functional_call(n, own, (x,))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, tr = self.base, self.rows.of(x)
-        t = one_task(tr)
-        kinds = ("gamma", "bias")
-        if t is not None:  # one task: its affine folded into the norm, exactly the merged model's norm
-            own = {name: self.stack[k][t].view_as(getattr(n, name)) if k in self.stack else getattr(n, name)
-                   for k, name in zip(kinds, self.names) if name}
-            return torch.func.functional_call(n, own, (x,))
+        spans = self.rows.spans(x)
+        if len(spans) <= SPAN_NORMS:
+            return self.per_span(x, spans, self.task_forward)
+        n = self.base
         plain = {name: torch.ones_like(getattr(n, name)) if k == "gamma" else torch.zeros_like(getattr(n, name))
-                 for k, name in zip(kinds, self.names) if name}
-        return self.affine_out(torch.func.functional_call(n, plain, (x,)), tr, self.dim)
+                 for k, name in zip(("gamma", "bias"), self.names) if name}
+        return self.affine_out(torch.func.functional_call(n, plain, (x,)), self.rows.of(x), self.dim)
 
 
 @dataclass
@@ -264,7 +272,8 @@ class AdapterBank(nn.Module):
     """A frozen timm backbone serving many tasks' adapters at once (see the module docstring).
 
     ``bank(images, tasks)`` -> one logit tensor per image from its own task's head;
-    ``add(name, path)`` / ``remove(name)`` at any time; ``mode``: "auto", "shared" or "grouped";
+    ``add(name, path)`` / ``remove(name)`` at any time; ``mode``: "auto", "shared" or "grouped" (module
+    docstring);
     ``keep_last``: keep the W' of the last batch that held one task, so that consecutive batches of one
     task cost what the plain backbone costs (memory: one copy of the adapted weights).
     """
@@ -347,6 +356,13 @@ class AdapterBank(nn.Module):
         return site
 
     # --- serving -----------------------------------------------------------------------------------
+    def features(self, x: torch.Tensor, segments: list[tuple[int, int, int]], whole: bool) -> torch.Tensor:
+        """Pre-logit features of ``x`` whose samples are ``segments`` (task slot, first, count)."""
+        self.rows.segments, self.rows.whole = segments, whole
+        try:
+            return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        finally:
+            self.rows.segments = None
     @torch.no_grad()
     def forward(self, images: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
         if len(tasks) != len(images):
@@ -355,16 +371,22 @@ class AdapterBank(nn.Module):
         if unknown:
             raise KeyError(f"no task {unknown[0]!r} in the bank; tasks: {', '.join(self.tasks) or 'none'}")
         names = list(self.tasks)
-        self.rows.tasks = torch.tensor([names.index(t) for t in tasks], device=images.device)
-        try:
-            feats = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
-        finally:
-            self.rows.tasks = None
+        slots = [names.index(t) for t in tasks]
+        order = sorted(range(len(tasks)), key=slots.__getitem__)  # each task's samples one slice of the batch
+        segments, start = [], 0
+        for i in range(1, len(order) + 1):
+            if i == len(order) or slots[order[i]] != slots[order[start]]:
+                segments.append((slots[order[start]], start, i - start))
+                start = i
+        x = images if order == sorted(order) else images[order]
+        if self.mode == "auto" and len(segments) > 1 and len(tasks) >= GROUPED_SAMPLES * len(segments):
+            feats = torch.cat([self.features(x[a:a + c], [(t, 0, c)], False) for t, a, c in segments])
+        else:
+            feats = self.features(x, segments, True)
         out: list[torch.Tensor | None] = [None] * len(tasks)
-        for name in dict.fromkeys(tasks):
-            idx = [i for i, t in enumerate(tasks) if t == name]
-            for i, logits in zip(idx, self.tasks[name].head(feats[idx])):
-                out[i] = logits
+        for t, a, c in segments:
+            for j, logits in zip(order[a:a + c], self.tasks[names[t]].head(feats[a:a + c])):
+                out[j] = logits
         return out
 
 

@@ -82,6 +82,9 @@ def test_mixed_batches_equal_each_tasks_merged_model(trained, mode):
     check(bank, refs, mixed, side)  # shuffled, several tasks, different class counts
     check(bank, refs, names, side, seed=1)  # one sample per task
     check(bank, refs, [names[0]] * 5, side, seed=2)  # a batch of one task
+    many = [names[1]] * 8 + [names[2]] * 9  # enough samples per task that "auto" runs each task on its own
+    random.Random(1).shuffle(many)
+    check(bank, refs, many, side, seed=6)
     check(bank, refs, [names[-1]], side, seed=3)  # a single image
 
 
