@@ -17,16 +17,17 @@ consecutive rows per sample), and runs it in one of three forms:
   batch of one task): each task's slice through the network on its own, every layer with that task's
   ``W'_t`` formed for the call — one GEMM's work in all plus a pass over W per task, like swapping
   adapters, without the copies; a whole batch of one task keeps its W' for the next (``keep_last``);
-* *shared* (``"auto"`` otherwise): one GEMM with W for every row, one more on the rows pre-scaled by
-  ``s_r[t]`` (then ``⊙ s_l[t]``) for RLRR, LoRA's rank-r products per row — two GEMMs however many
-  tasks the batch mixes; norms run once per task slice with their affine folded in (up to
-  ``SPAN_NORMS`` tasks), else once with per-row affines;
-* *grouped* (``mode="grouped"``): one forward, each layer one GEMM per task slice (for comparison).
+* *grouped* (``"auto"`` otherwise, at layers where the tasks hold ``GROUPED_ROWS`` rows each on
+  average; or ``mode="grouped"``): one forward, each layer one GEMM per task slice with its ``W'_t``;
+* *shared* (``"auto"`` at layers with fewer rows per task; or ``mode="shared"``): one GEMM with W for
+  every row, one more on the rows pre-scaled by ``s_r[t]`` (then ``⊙ s_l[t]``) for RLRR, LoRA's rank-r
+  products per row — two GEMMs however many tasks the batch mixes.
 
-A conv's RLRR rescale is not per channel, so a conv site with one runs per task slice in every form.
-Methods that change whole weights (full fine-tuning) or add computation (VPT, AdaptFormer, HTA, APLA)
-are refused in one line, as are peft tuners; the choice between the forms is measured in
-``benchmarks/bank.py``.
+Norms run once per task slice with their affine folded in (up to ``SPAN_NORMS`` tasks), else once with
+per-row affines.  A conv's RLRR rescale is not per channel, so a conv site with one runs per task
+slice in every form.  Methods that change whole weights (full fine-tuning) or add computation (VPT,
+AdaptFormer, HTA, APLA) are refused in one line, as are peft tuners; the thresholds between the forms
+come from ``benchmarks/bank.py``.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from .methods.ssf import FeatureRescale
 
 SERVABLE = ("rlrr", "ssf", "bitfit", "linear", "lora")
 GROUPED_SAMPLES = 8  # samples per task (on average) from which "auto" runs each task's slice on its own
+GROUPED_ROWS = 64  # GEMM rows per task (on average) from which "auto" runs a layer once per task slice
 SPAN_NORMS = 16  # up to this many tasks in a batch, a norm runs once per task with its affine folded in
 
 
@@ -195,6 +197,17 @@ class WeightSite(Site):
     def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return self.base._conv_forward(x, w, b) if isinstance(self.base, nn.Conv2d) else F.linear(x, w, b)
 
+    def grouped(self, x: torch.Tensor, spans: list[tuple[int, int, int]]) -> bool:
+        """One GEMM per task slice: forced by ``mode``, always for a conv's RLRR rescale, and in "auto" when
+        the tasks hold ``GROUPED_ROWS`` GEMM rows (tokens) each on average: forming a task's W' costs about
+        what a GEMM of that many rows does, while the shared form costs a second GEMM on every row."""
+        if self.dim == 1 and "scale_l" in self.stack:
+            return True
+        if self.mode != "auto":
+            return self.mode == "grouped"
+        tokens = x[0].numel() // x.shape[self.dim]  # GEMM rows per leading row
+        return x.shape[0] * tokens >= GROUPED_ROWS * len(spans)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spans = self.rows.spans(x)
         if len(spans) == 1:  # one task's rows: its own layer; a whole batch of one task keeps its W'
@@ -204,7 +217,7 @@ class WeightSite(Site):
             if self.last is None or self.last[0] != t:
                 self.last = (t, self.task_weight(t).clone())
             return self.task_forward(x, t, self.last[1])
-        if self.mode == "grouped" or self.dim == 1 and "scale_l" in self.stack:  # a conv's rescale: per task
+        if self.grouped(x, spans):
             return self.per_span(x, spans, self.task_forward)
         tr = self.rows.of(x)
         y = self.op(x, self.base.weight)
