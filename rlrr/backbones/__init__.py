@@ -94,10 +94,28 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise BackboneError(f"{path} is not a weights-only torch checkpoint ({type(e).__name__}); "
                             "convert it to .safetensors or save a plain state_dict") from None
-    for key in ("model", "state_dict", "model_state", "module"):
+    for key in ("model", "state_dict", "model_state", "module", "teacher"):  # teacher: DINO's full checkpoint
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
-    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return encoder_of({k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+
+
+# Self-supervised checkpoints keep the backbone under a prefix beside what pre-training alone needs:
+# MoCo v3's base encoder (its momentum encoder and predictor beside it, a projection MLP as its `head`),
+# DINO's teacher backbone (its projection `head` beside it).
+ENCODER_PREFIXES = ("base_encoder.", "backbone.")
+
+
+def encoder_of(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone of a self-supervised checkpoint in its released layout (MoCo v3, DINO, MAE), as the
+    plain timm keys; the pre-training heads (projection MLPs, MAE's decoder and mask token) are dropped,
+    since fine-tuning puts a new classifier there.  Other state dicts pass through unchanged."""
+    prefix = next((p for p in ENCODER_PREFIXES if any(k.startswith(p) for k in sd)), None)
+    if prefix is not None:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not k.startswith(prefix + "head.")}
+    if any(k.startswith("decoder_") for k in sd):  # MAE pre-training: encoder + decoder in one dict
+        sd = {k: v for k, v in sd.items() if not (k.startswith("decoder_") or k == "mask_token")}
+    return sd
 
 
 def num_classes_of(model: torch.nn.Module) -> int | None:
