@@ -87,9 +87,10 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, meta
 
 
-def class_names(path: str | Path, num_classes: int) -> list[str]:
-    """The class names an adapter recorded (by class id), or the ids as text where it recorded none."""
-    names = json.loads(read_adapter(path)[1].get("class_names", "[]"))
+def class_names(meta: dict[str, str], num_classes: int) -> list[str]:
+    """The class names an adapter's metadata recorded (by class id), or the ids as text where it recorded
+    none (or names that do not fit its head)."""
+    names = json.loads(meta.get("class_names", "[]"))
     return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 

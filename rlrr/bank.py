@@ -32,15 +32,14 @@ come from ``benchmarks/bank.py``.
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import AdapterMismatchError, load_adapter, read_adapter
+from .adapter import AdapterMismatchError, class_names, load_adapter, read_adapter
 from .backbones import architecture, checkpoint_num_classes, fingerprint, set_num_classes
 from .backbones.discover import affine_of, channel_dim, classifier_modules, input_only_via_affine, is_weight_layer
 from .methods.base import replace
@@ -277,8 +276,7 @@ class NormSite(Site):
 class Task:
     """What the bank holds for one task besides its site rows: its head and its class names."""
     head: nn.Module
-    class_names: list[str] = field(default_factory=list)
-    path: str = ""
+    class_names: list[str]
 
 
 class AdapterBank(nn.Module):
@@ -339,7 +337,7 @@ class AdapterBank(nn.Module):
                 site.rescaler = rescaler  # its geometry forms W'_t: the one with the most qkv groups
         for site_name, site in self.sites().items():
             site.add(sites.get(site_name, (None, {}, None))[1])
-        task = Task(head, json.loads(meta.get("class_names", "[]")), str(path))
+        task = Task(head, class_names(meta, head.out_features))
         self.tasks[name] = task
         return task
 
@@ -376,6 +374,7 @@ class AdapterBank(nn.Module):
             return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
         finally:
             self.rows.segments = None
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
         if len(tasks) != len(images):
@@ -391,7 +390,7 @@ class AdapterBank(nn.Module):
             if i == len(order) or slots[order[i]] != slots[order[start]]:
                 segments.append((slots[order[start]], start, i - start))
                 start = i
-        x = images if order == sorted(order) else images[order]
+        x = images if order == list(range(len(order))) else images[order]
         if self.mode == "auto" and len(segments) > 1 and len(tasks) >= GROUPED_SAMPLES * len(segments):
             feats = torch.cat([self.features(x[a:a + c], [(t, 0, c)], False) for t, a, c in segments])
         else:
@@ -419,7 +418,7 @@ def task_sites(adapted: nn.Module, own: dict[str, nn.Module]) -> tuple[dict[str,
             values = {"scale_l": m.scale_l, "scale_r": m.scale_r}
             if m.bias is not None:
                 values["bias"] = m.bias + m.shift
-            sites[name], _ = (WeightSite, values, m), done.append(name)
+            sites[name] = WeightSite, values, m
         elif isinstance(m, LoRALinear):
             a = torch.cat(list(m.lora_A))
             b = a.new_zeros(m.base.out_features, a.shape[0])
@@ -427,14 +426,15 @@ def task_sites(adapted: nn.Module, own: dict[str, nn.Module]) -> tuple[dict[str,
             for (lo, hi), B in zip(m.slices, m.lora_B):
                 b[lo:hi, col:col + B.shape[1]] = m.scaling * B
                 col += B.shape[1]
-            sites[name], _ = (WeightSite, {"lora_A": a, "lora_B": b}, None), done.append(name)
+            sites[name] = WeightSite, {"lora_A": a, "lora_B": b}, None
         elif isinstance(m, FeatureRescale):
             sites[name] = rescale_row(m)
-            done.append(name)
-        elif name in own and (is_weight_layer(m) or affine_of(m) is not None):
-            changed = plain_changes(name, m, own[name])
+        else:  # a plain layer: a row only where a method changed its parameters in place (BitFit)
+            changed = plain_changes(name, m, own[name]) if name in own else None
             if changed:
                 sites[name] = changed
+            continue
+        done.append(name)  # a wrapper: its inner layers are part of its row
     return sites, copy.deepcopy(heads[0])
 
 
@@ -451,13 +451,16 @@ def rescale_row(m: FeatureRescale) -> tuple[type, dict, None]:
 
 
 def plain_changes(name: str, m: nn.Module, base: nn.Module) -> tuple[type, dict, None] | None:
-    """A plain layer's parameters that a method changed in place: biases (BitFit) and norm affines."""
+    """A plain layer's parameters that a method changed in place: biases (BitFit) and norm affines;
+    None for anything else, or unchanged."""
     if is_weight_layer(m):
         if not torch.equal(m.weight, base.weight):
             raise AdapterMismatchError(f"the adapter changes the whole weight of {name}; only per-channel and "
                                        "low-rank changes can be served per sample (merge it and serve it alone)")
         same = m.bias is None or torch.equal(m.bias, base.bias)
         return None if same else (WeightSite, {"bias": m.bias}, None)
+    if affine_of(m) is None:
+        return None
     w_name, b_name = affine_of(m)
     if all(torch.equal(getattr(m, n), getattr(base, n)) for n in (w_name, b_name) if n):
         return None

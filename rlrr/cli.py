@@ -159,12 +159,12 @@ def cmd_predict(args) -> None:
     from .data.images import open_rgb
     from .data.transforms import eval_transform
     from .files import atomic_write
-    from .adapter import class_names
+    from .adapter import class_names, read_adapter
     from .backbones import num_classes_of
     out = not_an_input(output_file(args.output), args)
     model = adapted_model(args)
     n = num_classes_of(model)
-    topk, names = min(args.topk, n), class_names(args.adapter, n) if args.adapter else [str(i) for i in range(n)]
+    topk, names = min(args.topk, n), class_names(read_adapter(args.adapter)[1], n) if args.adapter else [str(i) for i in range(n)]
     tf = eval_transform(data_config(model), "none")
     root = Path(args.images)
     if not root.is_dir():

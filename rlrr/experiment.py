@@ -34,12 +34,13 @@ def plan(data: str, method: str, method_opts: dict[str, Any] | None = None, conf
     if not isinstance(written, dict) or set(written) - known:
         raise ValueError(f"{where} must map training options ({', '.join(sorted(known))}) to values; "
                          f"unknown: {sorted(set(written) - known) if isinstance(written, dict) else written!r}")
+    written = check_fields(TrainConfig, written, where)
     try:  # the file's own values first, so a bad one is named with the file it is in
-        TrainConfig(**check_fields(TrainConfig, written, where))
+        TrainConfig(**written)
     except ValueError as e:
         raise ValueError(f"{e} (set in {where})") from None
     lr = method_lr(task, method)
-    cfg = TrainConfig(**{**check_fields(TrainConfig, written, where), **({"lr": lr} if lr else {}),
+    cfg = TrainConfig(**{**written, **({"lr": lr} if lr else {}),
                          **{k: v for k, v in train_overrides.items() if v is not None}})
     return task, cfg, make_config(method, **{**task_method_opts(task, method), **(method_opts or {})})
 

@@ -91,7 +91,7 @@ class Service:
                 log.warning("not serving %s: %s", path, self.refused[str(path)].split(":", 1)[1])
 
     def task_list(self) -> dict:
-        return {"tasks": [{"name": n, "classes": len(t.class_names) or t.head.out_features,
+        return {"tasks": [{"name": n, "classes": len(t.class_names),
                            "labels": t.class_names} for n, t in self.bank.tasks.items()],
                 "refused": {k: v.split(":", 1)[1] for k, v in self.refused.items()}}
 

@@ -198,7 +198,7 @@ def test_class_names_travel_from_folder_names_to_predictions(tmp_path):
     out = tmp_path / "run"
     assert main(["train", *TINY, *PRE, "--data", f"folder:{root}", "--output", str(out)]) == 0
     names = sorted(d.name for d in root.iterdir())
-    assert rlrr.adapter.class_names(out / "adapter.safetensors", len(names)) == names
+    assert rlrr.adapter.class_names(rlrr.adapter.read_adapter(out / "adapter.safetensors")[1], len(names)) == names
     csv_out = tmp_path / "p.csv"
     assert main(["predict", *infer("--adapter", str(out / "adapter.safetensors")), "--images", str(root),
                  "--output", str(csv_out), "--topk", "2"]) == 0

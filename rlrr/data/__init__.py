@@ -77,7 +77,7 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
                         "csv:FILE or offline:TASK")
     size = data_cfg["input_size"][-1]
     names = None
-    inferred = kind in ("csv",) or (kind == "vtab1k" and Path(where).name not in VTAB)  # from the labels seen
+    inferred = kind == "csv" or (kind == "vtab1k" and Path(where).name not in VTAB)  # from the labels seen
     if kind == "offline":
         parts = offline_splits(where, size, data_cfg["mean"], data_cfg["std"], seed=seed)
         n = parts["train"].num_classes
