@@ -415,6 +415,9 @@ def task_sites(adapted: nn.Module, own: dict[str, nn.Module]) -> tuple[dict[str,
         if not name or id(m) in head_ids or any(name.startswith(d + ".") for d in done):
             continue
         if isinstance(m, _Rescaled):
+            if m.form != "rescale" or not m.residual:
+                raise AdapterMismatchError(f"{name} is RLRR's {m.form} form{'' if m.residual else ' without the residual'}"
+                                           " (an ablation); the bank serves the residual rescaling W + S ⊙ W only")
             values = {"scale_l": m.scale_l, "scale_r": m.scale_r}
             if m.bias is not None:
                 values["bias"] = m.bias + m.shift

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -244,8 +245,11 @@ def cmd_info(args) -> dict:
     from .methods.base import apply, make_config, summary, trainable_parameters
     if args.adapter:
         return adapter_info(args.adapter)
-    model = apply(backbone(args, args.num_classes), make_config(args.method, **method_options(args.method_opt)))
+    config = make_config(args.method, **method_options(args.method_opt))
+    model = apply(backbone(args, args.num_classes), config)
     s = summary(model)
+    print(f"{args.method}: " + ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                         for k, v in dataclasses.asdict(config).items()))
     groups: dict[str, int] = {}
     for name, p in trainable_parameters(model):
         kind = name.rsplit(".", 1)[-1]

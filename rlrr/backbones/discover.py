@@ -57,6 +57,11 @@ def role(name: str) -> str | None:
     return None
 
 
+# Fig. 2's insertion sites: a weight layer's by its role, every rescaled norm's "norm".
+SITES = ("attn", "mlp", "norm")
+SITE_OF_ROLE = {"qkv": "attn", "q": "attn", "k": "attn", "v": "attn", "proj": "attn", "fc1": "mlp", "fc2": "mlp"}
+
+
 # The official RLRR Swin code shares one s_r over a fused qkv; everywhere else q, k, v are three maps.
 FUSED_QKV_CLASSES = ("SwinTransformer", "SwinTransformerV2")
 
@@ -378,3 +383,55 @@ def resolve(model: nn.Module, targets: str | None = None, norms: str | None = No
                                  "targets=REGEX) naming plain Linear/Conv2d layers to adapt")
     norm_mods = matching(model, norms, "norms") if norms is not None else [(n, model.get_submodule(n)) for n in found.norms]
     return weights, norm_mods, (found.qkv if found else "split")
+
+
+def block_index(found: Structure, name: str) -> int:
+    """Which block a module belongs to: the block holding it; outside every block, the first block called
+    after it (the stem's to block 0, a Swin patch merging to the next stage's first block), else the last
+    (the final norm)."""
+    inside = next((i for i, b in enumerate(found.blocks) if name.startswith(b + ".")), None)
+    if inside is not None:
+        return inside
+    order = {n: i for i, n in enumerate(found.order)}
+    at = order.get(name, -1)
+    return next((i for i, b in enumerate(found.blocks) if order.get(b, -1) > at), len(found.blocks) - 1)
+
+
+def block_choice(blocks: str | tuple[int, ...], count: int) -> set[int]:
+    """Indices chosen by ``first:K`` / ``last:K`` / a list (negative from the end) among ``count`` blocks."""
+    if isinstance(blocks, str):
+        which, k = blocks.split(":")
+        if int(k) > count:
+            raise DiscoveryError(f"blocks={blocks!r}: the model has {count} blocks; pick K from 1 to {count}")
+        return set(range(int(k))) if which == "first" else set(range(count - int(k), count))
+    bad = [i for i in blocks if not -count <= i < count]
+    if bad:
+        raise DiscoveryError(f"blocks index {bad[0]} is out of range: the model has {count} blocks (0..{count - 1})")
+    return {i % count for i in blocks}
+
+
+def select(model: nn.Module, weights: list[tuple[str, nn.Module]], norms: list[tuple[str, nn.Module]],
+           sites: tuple[str, ...] = SITES, blocks: str | tuple[int, ...] | None = None):
+    """The weight layers and norms a method adapts, kept to ``sites`` (attention / MLP by role, norm) and to
+    the chosen ``blocks`` of ``discover(model)``: the paper's Fig. 2 study on any model discovery reads."""
+    if ("attn" in sites) != ("mlp" in sites):
+        unknown = [n for n, _ in weights if role(n) not in SITE_OF_ROLE]
+        if unknown:
+            raise DiscoveryError(f"sites={','.join(sites)} needs to tell attention from MLP layers, but "
+                                 f"{type(model).__name__}'s {unknown[0]} ({len(unknown)} such) is neither by name; "
+                                 "keep both attn and mlp, or pick layers with targets=REGEX")
+    both = "attn" in sites and "mlp" in sites  # then a layer of unknown role is kept too
+    weights = [(n, m) for n, m in weights if both or SITE_OF_ROLE.get(role(n)) in sites]
+    norms = norms if "norm" in sites else []
+    if blocks is not None:
+        found = discover(model)
+        if not found.blocks:
+            raise DiscoveryError(f"blocks= needs repeated blocks, and none were found in {type(model).__name__}; "
+                                 "pick layers with targets=REGEX instead")
+        keep = block_choice(blocks, len(found.blocks))
+        weights = [(n, m) for n, m in weights if block_index(found, n) in keep]
+        norms = [(n, m) for n, m in norms if block_index(found, n) in keep]
+    if not weights and not norms:
+        raise DiscoveryError(f"sites={','.join(sites)} with blocks={blocks!r} leaves nothing to adapt in "
+                             f"{type(model).__name__}")
+    return weights, norms

@@ -12,6 +12,11 @@ Layout.  The rank-1 scale is defined on a *matrix view* of the weight:
 Parameters are stored as ``scale_l (rank, groups, rows)`` and ``scale_r (rank, groups, cols)``;
 ``rank > 1`` sums several rank-1 rescalings (our extension).
 
+Variants (the paper's ablations, ``RLRRConfig``): ``scales="left"`` / ``"right"`` keeps the other
+vector at ones (a buffer, not trained: S = s_l 1ᵀ or 1 s_rᵀ); ``residual=False`` drops the ``+ W``
+(W' = S ⊙ W); ``form="additive"`` is Supp. Table 11's "w/o W", W' = W + S.  ``compose`` is the one
+place that says how a variant builds W'; the op, the cache and ``merged()`` all go through it.
+
 Cost.  ``_RescaledOp`` forms W' once per call, runs one GEMM/conv, and in backward recomputes W'
 instead of keeping one alive per layer; the scale gradients come from ``dW' ⊙ W`` reduced against
 the other vector — the same three GEMM-sized products as full fine-tuning.  With gradients off,
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.discover import conv_padding, resolve
+from ..backbones.discover import SITES, conv_padding, resolve, select
 from .base import Method, freeze, merge_modules, register, replace
 from .ssf import inject_feature_rescale, merge_feature_rescale
 
@@ -55,7 +60,7 @@ class _RescaledOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale_l, scale_r, shift, layer: "_Rescaled"):
-        w_eff = layer.rescaled(weight, scale_l, scale_r, plus=weight, out=workspace(weight)).to(x.dtype)
+        w_eff = layer.compose(weight, scale_l, scale_r, out=workspace(weight)).to(x.dtype)
         b_eff = None if bias is None else (bias + shift).to(x.dtype)
         ctx.layer = layer
         ctx.save_for_backward(x, weight, bias, scale_l, scale_r, shift)
@@ -66,15 +71,17 @@ class _RescaledOp(torch.autograd.Function):
         x, weight, bias, scale_l, scale_r, shift = ctx.saved_tensors
         layer: _Rescaled = ctx.layer
         need = ctx.needs_input_grad
-        w_eff = layer.rescaled(weight, scale_l, scale_r, plus=weight, out=workspace(weight)).to(x.dtype)
+        w_eff = layer.compose(weight, scale_l, scale_r, out=workspace(weight)).to(x.dtype)
         gx, gw_eff = layer.op_backward(grad_out, x, w_eff, need[0], any(need[1:5]))
         del w_eff
         g_w = g_l = g_r = g_b = g_f = None
         if gw_eff is not None:
             gw_eff = gw_eff.to(weight.dtype)
-            if need[1]:
-                g_w = layer.rescaled(gw_eff, scale_l, scale_r, plus=gw_eff)
-            gm = layer.to_matrix(gw_eff.mul_(weight))  # dL/dS in matrix form, in place: dL/dW' is done
+            if need[1]:  # dW'/dW: 1 + S, S, or 1 (additive)
+                g_w = gw_eff.clone() if layer.form == "additive" else \
+                    layer.rescaled(gw_eff, scale_l, scale_r, plus=gw_eff if layer.residual else None)
+            # dL/dS in matrix form (⊙ W in place for the rescaling forms: dL/dW' is done)
+            gm = layer.to_matrix(gw_eff if layer.form == "additive" else gw_eff.mul_(weight))
             if need[3]:
                 g_l = torch.einsum("goi,rgi->rgo", gm, scale_r)
             if need[4]:
@@ -96,14 +103,19 @@ class _Rescaled(nn.Module):
     adapter_params = ("scale_l", "scale_r", "shift")
     channel_dim = -1
 
-    def __init__(self, base: nn.Module, rows: int, cols: int, groups: int, rank: int, init: str):
+    def __init__(self, base: nn.Module, rows: int, cols: int, groups: int, rank: int, init: str,
+                 scales: str = "both", residual: bool = True, form: str = "rescale"):
         super().__init__()
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
+        self.residual, self.form = residual, form
         like = dict(dtype=self.weight.dtype, device=self.weight.device)
-        self.scale_l = nn.Parameter(torch.empty(rank, groups, rows, **like))
-        self.scale_r = nn.Parameter(torch.empty(rank, groups, cols, **like))
+        for side, size, trained in (("scale_l", rows, scales != "right"), ("scale_r", cols, scales != "left")):
+            if trained:
+                setattr(self, side, nn.Parameter(torch.empty(rank, groups, size, **like)))
+            else:  # the one-sided ablations: the other vector is ones, fixed (not saved: the config says it)
+                self.register_buffer(side, torch.ones(rank, groups, size, **like), persistent=False)
         # No bias in the base layer (Swin patch merging, ResNet convs): no shift, so merge keeps the keys.
         self.shift = nn.Parameter(torch.zeros(self.weight.shape[0], **like)) if self.bias is not None else None
         if self.bias is not None:
@@ -113,16 +125,26 @@ class _Rescaled(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
-        """``official``: kaiming_uniform_ on s_l viewed (out,1) and s_r viewed (1,in); ``identity``: s_l = 0."""
-        rank, groups, rows = self.scale_l.shape
-        for k in range(rank):
-            for g in range(groups):
-                nn.init.kaiming_uniform_(self.scale_l[k, g].view(rows, 1))  # fan-in 1: U(±√6)
-                nn.init.kaiming_uniform_(self.scale_r[k, g].view(1, -1))  # fan-in = cols
-        if init == "identity":
-            self.scale_l.zero_()
-        elif init != "official":
-            raise ValueError(f"unknown init {init!r}; use 'official' or 'identity'")
+        """The trained vectors' start (``INITS``); a fixed side stays at ones."""
+        trained = [p for p in (self.scale_l, self.scale_r) if isinstance(p, nn.Parameter)]
+        if init in ("official", "identity"):
+            rank, groups, _ = self.scale_l.shape
+            for p, view in ((self.scale_l, (-1, 1)), (self.scale_r, (1, -1))):  # fan-in 1 (U(±√6)), fan-in = cols
+                for k in range(rank):
+                    for g in range(groups):
+                        if isinstance(p, nn.Parameter):
+                            nn.init.kaiming_uniform_(p[k, g].view(view))
+            if init == "identity":
+                trained[0].zero_()
+        for p in trained:
+            if init == "normal":
+                nn.init.normal_(p)
+            elif init == "zero":
+                p.zero_()
+            elif init == "constant":
+                p.fill_(1.0)
+            elif init == "uniform":
+                nn.init.uniform_(p)
 
     # matrix view -------------------------------------------------------------------------------
     def to_matrix(self, w: torch.Tensor) -> torch.Tensor:
@@ -170,14 +192,22 @@ class _Rescaled(nn.Module):
             torch.addcmul(plus.view(shape), o, right, out=o)
         return out
 
+    def compose(self, w: torch.Tensor, scale_l: torch.Tensor, scale_r: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """W' of this layer's variant: ``W + S ⊙ W`` (RLRR), ``S ⊙ W`` (no residual) or ``W + S`` (additive)."""
+        if self.form == "additive":
+            s = self.from_matrix(self.scale_matrix(scale_l, scale_r), w.shape)
+            return torch.add(w, s, out=out) if out is not None else w + s
+        return self.rescaled(w, scale_l, scale_r, plus=w if self.residual else None, out=out)
+
     def effective(self, weight=None, bias=None, scale_l=None, scale_r=None, shift=None, dtype=None):
-        """(W', b') = (W + (Σ s_l s_rᵀ) ⊙ W, b + f), in ``dtype`` (the compute dtype)."""
+        """(W', b') = (``compose(W)``, b + f), in ``dtype`` (the compute dtype)."""
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
         scale_l = self.scale_l if scale_l is None else scale_l
         scale_r = self.scale_r if scale_r is None else scale_r
         shift = self.shift if shift is None else shift
-        w = self.rescaled(weight, scale_l, scale_r, plus=weight)
+        w = self.compose(weight, scale_l, scale_r)
         b = None if bias is None else bias + shift
         dtype = dtype or weight.dtype
         return w.to(dtype), (None if b is None else b.to(dtype))
@@ -215,12 +245,12 @@ class _Rescaled(nn.Module):
 
 
 class RescaledLinear(_Rescaled):
-    def __init__(self, base: nn.Linear, groups: int = 1, rank: int = 1, init: str = "official"):
+    def __init__(self, base: nn.Linear, groups: int = 1, rank: int = 1, init: str = "official", **variant):
         out_f, in_f = base.weight.shape
         if out_f % groups:
             raise ValueError(f"cannot split {out_f} output rows into {groups} groups")
         self.in_features, self.out_features, self.groups = in_f, out_f, groups
-        super().__init__(base, out_f // groups, in_f, groups, rank, init)
+        super().__init__(base, out_f // groups, in_f, groups, rank, init, **variant)
 
     def to_matrix(self, w):
         return w.reshape(self.groups, -1, w.shape[-1])
@@ -259,7 +289,9 @@ class RescaledLinear(_Rescaled):
         return lin.requires_grad_(False)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, groups={self.groups}, rank={self.scale_l.shape[0]}"
+        variant = "" if self.form == "rescale" and self.residual else f", form={self.form}, residual={self.residual}"
+        return (f"in={self.in_features}, out={self.out_features}, groups={self.groups}, rank={self.scale_l.shape[0]}"
+                f"{variant}")
 
 
 class RescaledConv2d(_Rescaled):
@@ -267,7 +299,7 @@ class RescaledConv2d(_Rescaled):
 
     channel_dim = 1
 
-    def __init__(self, base: nn.Conv2d, rank: int = 1, init: str = "official"):
+    def __init__(self, base: nn.Conv2d, rank: int = 1, init: str = "official", **variant):
         if base.padding_mode != "zeros" or conv_padding(base) is None:
             raise ValueError("RLRR conv supports zero padding of explicit size (or 'same' with an odd kernel "
                              "at stride 1) only")
@@ -277,7 +309,7 @@ class RescaledConv2d(_Rescaled):
             setattr(self, attr, getattr(base, attr))
         self.conv = dict(stride=base.stride, padding=conv_padding(base), dilation=base.dilation, groups=base.groups)
         o, i, kh, kw = base.weight.shape
-        super().__init__(base, o * kh, i * kw, 1, rank, init)
+        super().__init__(base, o * kh, i * kw, 1, rank, init, **variant)
 
     def factors(self, scale_l, scale_r):
         o, i, kh, kw = self.weight.shape
@@ -311,23 +343,43 @@ class RescaledConv2d(_Rescaled):
         return conv.requires_grad_(False)
 
 
+INITS = ("official", "identity", "normal", "zero", "constant", "uniform")
+SCALES = ("both", "left", "right")
+FORMS = ("rescale", "additive")
+
+
 @dataclass
 class RLRRConfig:
-    """What RLRR adapts and how it starts.
+    """What RLRR adapts and how it starts; the defaults are the paper's method, the rest its design space.
 
     targets: regex over module names (anchored); None = the weight layers of the model's repeated
         blocks, discovered from its structure (``rlrr.backbones.discover``; ViT/Swin: attention
         qkv/proj and MLP fc1/fc2; ConvNeXt: conv_dw, fc1, fc2; ResNet: convs).
     norms: regex over module names whose outputs get the SSF rescale; None = discovered (each block's
         norms, the stem's output and the final norm).
-    norm_rescale: SSF scale/shift after the norms (official code: on).
-    init: "official" (kaiming-uniform s_l, s_r: W' ≠ W at step 0, as the paper's code) or
-        "identity" (s_l = 0, SSF at 1/0: the model starts exactly at the pretrained function).
+    norm_rescale: SSF scale/shift after the norms (official code: on; off = "norm" left out of ``sites``).
+    init: how the trained scale vectors start.  "official": kaiming_uniform_ on s_l viewed (out,1) and
+        s_r viewed (1,in), as the paper's code (W' ≠ W at step 0); "identity": the same with s_l = 0 and
+        SSF at 1/0, so the model starts exactly at the pretrained function.  Supp. Table 10's rows, whose
+        distributions the paper does not give, are torch.nn.init's functions at their defaults:
+        "normal" N(0, 1), "uniform" U(0, 1), "constant" 1 (with the residual W' = 2W at step 0; without
+        it W' = W), "zero" 0 — then S stays 0 and neither vector gets a gradient (each one's is the other
+        times dL/dS), so only f and SSF learn: the row measures exactly that.
     rank: number of rank-1 rescalings summed (1 = the paper).
     qkv: a fused qkv Linear as "split" (q, k, v each with its own s_r, the official ViT) or "fused"
         (one shared s_r, the official Swin); "auto" picks per family.
     reduction: also rescale the weight layers between blocks (Swin patch merging, as the official
         Swin code; ConvNeXt downsampling convs).
+    scales: which vectors train (Table 6): "both" (S = s_l s_rᵀ), "left" (S = s_l 1ᵀ: one scale per
+        output row) or "right" (S = 1 s_rᵀ: one per input column).
+    residual: W' = W + S ⊙ W (True, the paper) or S ⊙ W (Table 6's rows without the residual).
+    form: "rescale" (S ⊙ W, the paper) or "additive" (Supp. Table 11's "w/o W": W' = W + S, a rank-r
+        update unrelated to W, LoRA-like).
+    sites: where RLRR goes (Fig. 2), any of "attn" (q, k, v, proj), "mlp" (fc1, fc2) and "norm" (the
+        SSF rescales); a list or a comma-separated string.  The three partition the default.
+    blocks: which of the discovered blocks are adapted: None (all), "first:K", "last:K" or a list of
+        indices (negative from the end).  The stem's rescale goes with block 0, the final norm's with
+        the last block, a patch merging with the block after it.
     """
     method: ClassVar[str] = "rlrr"
     targets: str | None = None
@@ -338,22 +390,58 @@ class RLRRConfig:
     qkv: str = "auto"
     reduction: bool = False
     train_head: bool = True
+    scales: str = "both"
+    residual: bool = True
+    form: str = "rescale"
+    sites: str | tuple[str, ...] = SITES
+    blocks: str | tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        """Normalise ``sites`` / ``blocks`` (so equal choices compare equal) and refuse impossible mixes."""
+        for key, allowed in (("init", INITS), ("scales", SCALES), ("form", FORMS), ("qkv", ("auto", "split", "fused"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"RLRR {key} must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be at least 1, not {self.rank}")
+        parts = self.sites.split(",") if isinstance(self.sites, str) else self.sites
+        parts = {p.strip() for p in parts if p.strip()}
+        if not parts or parts - set(SITES):
+            raise ValueError(f"sites must be one or more of {', '.join(SITES)}, not {self.sites!r}")
+        self.sites = tuple(p for p in SITES if p in parts)
+        if isinstance(self.blocks, str):
+            which, _, k = self.blocks.partition(":")
+            if which not in ("first", "last") or not k.strip().isdigit() or int(k) < 1:
+                raise ValueError(f"blocks must be 'first:K', 'last:K' (K ≥ 1) or a list of block indices, not "
+                                 f"{self.blocks!r}")
+            self.blocks = f"{which}:{int(k)}"
+        elif self.blocks is not None:
+            if not self.blocks:
+                raise ValueError("blocks=[] adapts nothing; name at least one block, or leave blocks unset for all")
+            self.blocks = tuple(self.blocks)
+        if self.form == "additive" and (not self.residual or self.scales != "both"):
+            raise ValueError("form='additive' is W + s_l s_rᵀ: it has no residual switch and needs both vectors; "
+                             "drop residual=False / scales=...")
+        if self.init == "identity" and not self.residual:
+            raise ValueError("init='identity' zeroes S, which without the residual gives W' = 0; use init='constant' "
+                             "(all ones: W' = W at step 0) with residual=False")
+
+    def variant(self) -> dict:
+        """The keyword arguments that tell the rescaled layers how to build W'."""
+        return {"scales": self.scales, "residual": self.residual, "form": self.form}
 
 
 def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> nn.Module:
-    if cfg.qkv not in ("auto", "split", "fused"):
-        raise ValueError(f"qkv must be 'auto', 'split' or 'fused', not {cfg.qkv!r}")
-    if cfg.rank < 1:
-        raise ValueError(f"rank must be at least 1, not {cfg.rank}")
     weights, norms, qkv = resolve(model, cfg.targets, cfg.norms, transitions=cfg.reduction)
+    weights, norms = select(model, weights, norms, cfg.sites, cfg.blocks)
     qkv = qkv if cfg.qkv == "auto" else cfg.qkv
     freeze(model, cfg.train_head)
     for name, module in weights:
         if isinstance(module, nn.Linear):
             fused = name.rsplit(".", 1)[-1] == "qkv" and module.out_features % 3 == 0
-            replace(model, name, RescaledLinear(module, 3 if fused and qkv == "split" else 1, cfg.rank, cfg.init))
+            replace(model, name, RescaledLinear(module, 3 if fused and qkv == "split" else 1, cfg.rank, cfg.init,
+                                                **cfg.variant()))
         elif isinstance(module, nn.Conv2d):
-            replace(model, name, RescaledConv2d(module, cfg.rank, cfg.init))
+            replace(model, name, RescaledConv2d(module, cfg.rank, cfg.init, **cfg.variant()))
         else:
             raise TypeError(f"RLRR target {name} is a {type(module).__name__}; only Linear and Conv2d can be rescaled")
     if cfg.norm_rescale:
