@@ -11,6 +11,7 @@ from conftest import one_step, rel, tiny
 import rlrr
 from rlrr.backbones.discover import discover
 from rlrr.cli import main
+from rlrr.data.benchmarks import VTAB
 from rlrr.methods.rlrr import RescaledConv2d, RescaledLinear
 
 VARIANTS = [dict(scales="left"), dict(scales="right"), dict(residual=False), dict(scales="left", residual=False),
@@ -196,3 +197,22 @@ def test_the_bank_refuses_ablation_forms(tmp_path):
     bank = rlrr.AdapterBank(fresh)
     with pytest.raises(rlrr.AdapterMismatchError, match="without the residual"):
         bank.add("t", path)
+
+
+def test_swin_follows_the_official_swin_code():
+    """timm Swin as the official models/swin.py: one s_r over the fused qkv, the patch-merging reduction
+    rescaled (no bias: no f), no SSF after the patch embedding; the count then gives Table 5's 0.41 M
+    with the mean VTAB-1k head (one placement off would give 0.40 M)."""
+    model = rlrr.apply(timm.create_model("swin_base_patch4_window7_224", pretrained=False, num_classes=10),
+                       rlrr.RLRRConfig())
+    assert type(model.patch_embed.norm) is torch.nn.LayerNorm
+    assert isinstance(model.layers[1].downsample.reduction, RescaledLinear)
+    assert model.layers[1].downsample.reduction.shift is None
+    dims, depths = (128, 256, 512, 1024), (2, 2, 18, 2)
+    per_block = 7 + 3 + 9 + 6 + 4  # (·d) qkv 3d+d+3d, proj 3d, fc1 4d+d+4d, fc2 d+4d+d, two SSF 4d
+    count = sum(n * per_block * d for n, d in zip(depths, dims)) + sum(6 * d for d in dims[:3]) + 2 * 1024
+    assert rlrr.summary(model)["method_params"] == count == 356_352
+    head = 1025 * statistics.fmean(c for c, _ in VTAB.values())
+    assert round((count + head) / 1e6, 2) == 0.41
+    assert rlrr.summary(rlrr.apply(timm.create_model("swin_base_patch4_window7_224", pretrained=False),
+                                   rlrr.RLRRConfig(reduction=False)))["method_params"] == count - 5376

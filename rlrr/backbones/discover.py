@@ -62,8 +62,10 @@ SITES = ("attn", "mlp", "norm")
 SITE_OF_ROLE = {"qkv": "attn", "q": "attn", "k": "attn", "v": "attn", "proj": "attn", "fc1": "mlp", "fc2": "mlp"}
 
 
-# The official RLRR Swin code shares one s_r over a fused qkv; everywhere else q, k, v are three maps.
-FUSED_QKV_CLASSES = ("SwinTransformer", "SwinTransformerV2")
+# The official RLRR code's Swin (models/swin.py) differs from its ViT in three places: one s_r shared over
+# the fused qkv (everywhere else q, k, v are three maps), the patch-merging reduction rescaled, and no
+# SSF after the patch embedding.  RLRR follows it on these timm classes (Swin V2 as V1's layout).
+OFFICIAL_SWIN = ("SwinTransformer", "SwinTransformerV2")
 
 
 class DiscoveryError(ValueError):
@@ -77,8 +79,14 @@ class Structure:
     targets: tuple[str, ...]  # weight layers inside blocks
     norms: tuple[str, ...]  # modules whose output is rescaled (norms, or the stem's weight layer)
     transitions: tuple[str, ...]  # weight layers between blocks
-    qkv: str  # default treatment of a fused qkv: "split" or "fused"
+    stem: str | None  # the stem's rescale site, one of ``norms``
+    swin: bool  # laid out as the official RLRR Swin code (``OFFICIAL_SWIN``)
     order: tuple[str, ...]  # every module called in the dummy forward, in call order (registration order if none)
+
+    @property
+    def qkv(self) -> str:
+        """Default treatment of a fused qkv: "fused" (one s_r, the official Swin) or "split"."""
+        return "fused" if self.swin else "split"
 
 
 def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -326,7 +334,7 @@ def _discover(model: nn.Module) -> Structure:
     targets = [n for n, m in mods if is_weight_layer(m) and within(n)]
     seq = tuple(sorted((n for n, _ in model.named_modules() if n and (order is None or n in order)), key=rank))
     if not blocks or not targets:
-        return Structure(tuple(blocks), (), (), (), "split", seq)
+        return Structure(tuple(blocks), (), (), (), None, False, seq)
     inside = [rank(n) for n, _ in mods if within(n)]
     lo, hi = min(inside), max(inside)
     block_norms = [f"{b}.{n}" for b in blocks for n in _own_norms(model.get_submodule(b))]
@@ -340,9 +348,9 @@ def _discover(model: nn.Module) -> Structure:
     if seen is not None:  # a rescale folds into a norm's affine only where the input passes through it
         norms = [n for n in norms if not is_norm(m := model.get_submodule(n)) or n not in seen.shapes
                  or input_only_via_affine(m, seen.shapes[n])]
-    qkv = "fused" if type(model).__name__ in FUSED_QKV_CLASSES else "split"
     return Structure(tuple(blocks), tuple(sorted(targets, key=rank)), tuple(sorted(norms, key=rank)),
-                     tuple(sorted(transitions, key=rank)), qkv, seq)
+                     tuple(sorted(transitions, key=rank)), next((n for n in stem[-1:] if n in norms), None),
+                     type(model).__name__ in OFFICIAL_SWIN, seq)
 
 
 def matching(model: nn.Module, pattern: str, option: str = "targets") -> list[tuple[str, nn.Module]]:
@@ -358,11 +366,12 @@ def matching(model: nn.Module, pattern: str, option: str = "targets") -> list[tu
 
 
 def resolve(model: nn.Module, targets: str | None = None, norms: str | None = None,
-            transitions: bool = False) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]], str]:
-    """(weight layers, norm-like modules, default qkv) for a method: discovered, or the user's regexes.
-
-    ``targets`` / ``norms`` (regexes over module names) override discovery, which makes any
-    ``nn.Module`` adaptable; discovery runs only for what is not given.
+            transitions: bool | None = False) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]],
+                                                       Structure | None]:
+    """(weight layers, norm-like modules, what discovery found) for a method: discovered, or the user's
+    regexes.  ``targets`` / ``norms`` (regexes over module names) override discovery, which makes any
+    ``nn.Module`` adaptable; discovery runs only for what is not given (None then).  ``transitions``:
+    also the layers between blocks; None = as the official RLRR code for the layout (Swin: on).
     """
     found = discover(model) if targets is None or norms is None else None
     if targets is not None:
@@ -371,6 +380,7 @@ def resolve(model: nn.Module, targets: str | None = None, norms: str | None = No
             raise DiscoveryError(f"no module of {type(model).__name__} matches targets={targets!r}; "
                                  "check the names with model.named_modules()")
     else:
+        transitions = found.swin if transitions is None else transitions
         names = list(found.targets) + (list(found.transitions) if transitions else [])
         weights = [(n, model.get_submodule(n)) for n in names]
         if not weights:
@@ -382,7 +392,7 @@ def resolve(model: nn.Module, targets: str | None = None, norms: str | None = No
             raise DiscoveryError(f"{type(model).__name__}: {why}; pass targets=REGEX (CLI: --method-opt "
                                  "targets=REGEX) naming plain Linear/Conv2d layers to adapt")
     norm_mods = matching(model, norms, "norms") if norms is not None else [(n, model.get_submodule(n)) for n in found.norms]
-    return weights, norm_mods, (found.qkv if found else "split")
+    return weights, norm_mods, found
 
 
 def block_index(found: Structure, name: str) -> int:
@@ -414,13 +424,14 @@ def select(model: nn.Module, weights: list[tuple[str, nn.Module]], norms: list[t
            sites: tuple[str, ...] = SITES, blocks: str | tuple[int, ...] | None = None):
     """The weight layers and norms a method adapts, kept to ``sites`` (attention / MLP by role, norm) and to
     the chosen ``blocks`` of ``discover(model)``: the paper's Fig. 2 study on any model discovery reads."""
-    if ("attn" in sites) != ("mlp" in sites):
-        unknown = [n for n, _ in weights if role(n) not in SITE_OF_ROLE]
+    both = "attn" in sites and "mlp" in sites  # then layers of no role (and patch mergings) are kept too
+    if ("attn" in sites) != ("mlp" in sites):  # a layer between blocks (patch merging) is neither: dropped
+        blocks_found = discover(model).blocks
+        unknown = [n for n, _ in weights if role(n) not in SITE_OF_ROLE and any(n.startswith(b + ".") for b in blocks_found)]
         if unknown:
             raise DiscoveryError(f"sites={','.join(sites)} needs to tell attention from MLP layers, but "
                                  f"{type(model).__name__}'s {unknown[0]} ({len(unknown)} such) is neither by name; "
                                  "keep both attn and mlp, or pick layers with targets=REGEX")
-    both = "attn" in sites and "mlp" in sites  # then a layer of unknown role is kept too
     weights = [(n, m) for n, m in weights if both or SITE_OF_ROLE.get(role(n)) in sites]
     norms = norms if "norm" in sites else []
     if blocks is not None:

@@ -368,8 +368,9 @@ class RLRRConfig:
     rank: number of rank-1 rescalings summed (1 = the paper).
     qkv: a fused qkv Linear as "split" (q, k, v each with its own s_r, the official ViT) or "fused"
         (one shared s_r, the official Swin); "auto" picks per family.
-    reduction: also rescale the weight layers between blocks (Swin patch merging, as the official
-        Swin code; ConvNeXt downsampling convs).
+    reduction: also rescale the weight layers between blocks (Swin patch merging, ConvNeXt downsampling
+        convs); None = as the official code for the layout: on for timm Swin (its code rescales patch
+        merging), off elsewhere.  Timm Swin also gets no SSF after its patch embedding, as that code.
     scales: which vectors train (Table 6): "both" (S = s_l s_rᵀ), "left" (S = s_l 1ᵀ: one scale per
         output row) or "right" (S = 1 s_rᵀ: one per input column).
     residual: W' = W + S ⊙ W (True, the paper) or S ⊙ W (Table 6's rows without the residual).
@@ -388,7 +389,7 @@ class RLRRConfig:
     init: str = "official"
     rank: int = 1
     qkv: str = "auto"
-    reduction: bool = False
+    reduction: bool | None = None
     train_head: bool = True
     scales: str = "both"
     residual: bool = True
@@ -431,9 +432,12 @@ class RLRRConfig:
 
 
 def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> nn.Module:
-    weights, norms, qkv = resolve(model, cfg.targets, cfg.norms, transitions=cfg.reduction)
+    weights, norms, found = resolve(model, cfg.targets, cfg.norms, transitions=cfg.reduction)
+    swin = found is not None and found.swin
+    if swin and cfg.norms is None:  # the official Swin code puts no SSF after its patch embedding
+        norms = [(n, m) for n, m in norms if n != found.stem]
     weights, norms = select(model, weights, norms, cfg.sites, cfg.blocks)
-    qkv = qkv if cfg.qkv == "auto" else cfg.qkv
+    qkv = cfg.qkv if cfg.qkv != "auto" else ("fused" if swin else "split")
     freeze(model, cfg.train_head)
     for name, module in weights:
         if isinstance(module, nn.Linear):
