@@ -42,7 +42,11 @@ def variants(in_f: int, out_f: int, device: str) -> dict[str, nn.Module]:
         return nn.Linear(in_f, out_f, device=device)
     frozen = base().requires_grad_(False)
     return {"frozen linear (2 GEMMs)": frozen, "trained linear (3-GEMM floor)": base(),
-            "RLRR op": RescaledLinear(base()).to(device), "naive autograd": Naive(base()).to(device)}
+            "RLRR op": RescaledLinear(base()).to(device), "naive autograd": Naive(base()).to(device),
+            # the design space's variants (issue 17) go through the same op
+            "RLRR op, scales=left": RescaledLinear(base(), scales="left").to(device),
+            "RLRR op, residual=False": RescaledLinear(base(), residual=False).to(device),
+            "RLRR op, form=additive": RescaledLinear(base(), form="additive").to(device)}
 
 
 def train_step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:

@@ -7,15 +7,17 @@ an unfinished one resumes from its checkpoint, so a killed bench just runs again
 """
 from __future__ import annotations
 
-import csv
 import json
+import re
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .backbones import EMBEDDED_NAME
 from .data.benchmarks import FGVC, VTAB
 from .experiment import plan, run_experiment
+from .files import atomic_write, write_csv
+from .launch import Launcher, launch
 from .published import markdown as markdown_published
 
 MINI_TASKS = ("mnist", "dsprites_ori", "clevr_count")
@@ -41,30 +43,60 @@ def suite_cells(suite: str, root: str | None, smoke: bool) -> tuple[list[tuple[s
     return cells, "vit_base_patch16_224", {}
 
 
+@dataclass(frozen=True)
+class Row:
+    """One line of a bench or study table: its label, the method and the method's options."""
+    label: str
+    method: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def folder(self) -> str:
+        """The cell folder's name: the method for a plain row (the bench's layout), else the method and its
+        options, so a row two studies share (RLRR's defaults) is one cell in one output folder."""
+        if not self.options:
+            return self.method
+        parts = [f"{k}-{','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in self.options.items()]
+        return re.sub(r"[^A-Za-z0-9._,+-]", "-", "_".join([self.method, *parts]))
+
+
 def run_bench(suite: str, methods: list[str], seeds: list[int], out: Path, root: str | None = None,
-              model: str | None = None, weights: str | None = None, smoke: bool = False, **overrides) -> list[dict]:
-    cells, suite_model, settings = suite_cells(suite, root, smoke)
-    settings = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
-    model, weights = model or suite_model, weights or "pretrained"
-    rows = []
-    total = len(cells) * len(methods) * len(seeds)
-    n = 0
-    for task, group, spec in cells:
-        for method in methods:
-            for seed in seeds:
-                n += 1
-                res = run_cell(out / task / method / f"seed{seed}", f"[{n}/{total}] {task} {method} seed {seed}",
-                               model, weights, spec, method, seed=seed, **settings)
-                rows.append({"task": task, "group": group, "method": method, "seed": seed,
-                             "test_acc": res["test_acc"], "val_acc": res["val_acc"], "protocol": res["protocol"],
-                             "trainable_params": res["trainable_params"], "method_params": res["method_params"],
-                             "train_wall_s": res["train_wall_s"]})
+              model: str | None = None, weights: str | None = None, smoke: bool = False,
+              launcher: Launcher | None = None, **overrides) -> list[dict]:
+    rows = run_grid(suite, [Row(m, m) for m in methods], seeds, out, root, model, weights, smoke, launcher, **overrides)
     write_results(rows, out, suite)
     return rows
 
 
+def run_grid(suite: str, rows: list[Row], seeds: list[int], out: Path, root: str | None = None,
+             model: str | None = None, weights: str | None = None, smoke: bool = False,
+             launcher: Launcher | None = None, **overrides) -> list[dict]:
+    """Every task × row × seed cell of ``suite`` (``smoke``: one task, one epoch, the first seed), run where
+    ``launcher`` says, then read back from the cell folders into one result row per cell."""
+    cells, suite_model, settings = suite_cells(suite, root, smoke)
+    seeds = seeds[:1] if smoke else seeds
+    settings = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
+    model, weights = model or suite_model, weights or "pretrained"
+    grid = [(task, group, spec, row, seed) for task, group, spec in cells for row in rows for seed in seeds]
+    calls = [dict(cell=out / task / row.folder / f"seed{seed}", label=f"[{n}/{len(grid)}] {task} {row.label} seed {seed}",
+                  model=model, weights=weights, spec=spec, method=row.method, method_opts=row.options or None,
+                  seed=seed, **settings) for n, (task, _, spec, row, seed) in enumerate(grid, 1)]
+    launcher = launcher or Launcher()
+    if launcher.kind != "local" or launcher.workers > 1:  # elsewhere first; then every cell below is read back
+        launch([(c["label"], run_cell, c) for c in calls if not (c["cell"] / "summary.json").is_file()],
+               launcher, out / "logs")
+    results = []
+    for (task, group, _, row, seed), call in zip(grid, calls):
+        res = run_cell(**call)
+        results.append({"task": task, "group": group, "method": row.label, "seed": seed,
+                        "test_acc": res["test_acc"], "val_acc": res["val_acc"], "protocol": res["protocol"],
+                        "trainable_params": res["trainable_params"], "method_params": res["method_params"],
+                        "train_wall_s": res["train_wall_s"]})
+    return results
+
+
 def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method: str,
-             method_opts: dict | None = None, **settings) -> dict:
+             method_opts: dict | None = None, on_epoch=None, **settings) -> dict:
     """One grid cell: the summary of a finished cell, else the run that finishes it (resuming its
     checkpoint), so an interrupted grid continues where it stopped.  A finished cell is reused only if
     it was run with what the cell would use now (a rate or option changed in ``configs/`` since, or
@@ -84,19 +116,22 @@ def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method
         return res
     print(f"{label}: running", flush=True)
     return run_experiment(model, weights, spec, cell, method, method_opts, resume=True, verbose=False,
-                          restart=f"delete {cell} to re-run that cell", progress=False, **settings)
+                          restart=f"delete {cell} to re-run that cell", progress=False, on_epoch=on_epoch, **settings)
 
 
 def changes(res: dict, model: str, spec: str, method: str, method_opts: dict | None, settings: dict) -> str:
     """What a finished cell's summary.json recorded that differs from what the cell would use now
     ('' when nothing): every training value, every method option, and the model and data.  A value the
     record lacks belongs to an option added since, whose default keeps the old behaviour: not a change."""
-    _, cfg, mcfg = plan(spec, method, method_opts, **settings)
+    settings = dict(settings)
+    drop_path = settings.pop("drop_path", None)
+    task, cfg, mcfg = plan(spec, method, method_opts, **settings)
     recorded = res.get("settings", {})
-    now = flat({**cfg.settings(), "method": asdict(mcfg), "model": model, "data": spec})
+    extra = {"drop_path": task.get("drop_path", 0.0) if drop_path is None else drop_path} if "drop_path" in recorded else {}
+    now = flat({**cfg.settings(), "method": asdict(mcfg), "model": model, "data": spec, **extra})
     was = flat({**{k: v for k, v in res["config"].items() if k in cfg.settings()},
                 "method": res.get("method_config", {}), "model": recorded.get("model", model),
-                "data": recorded.get("data", spec)})
+                "data": recorded.get("data", spec), **{k: recorded[k] for k in extra}})
     return ", ".join(f"{k}={v!r} (now {now.get(k)!r})" for k, v in was.items() if v != now.get(k))
 
 
@@ -110,16 +145,14 @@ def flat(values: dict, prefix: str = "") -> dict:
     return out
 
 
-def write_results(rows: list[dict], out: Path, suite: str) -> str:
-    """results.csv, results.md (paper-shaped table) and accuracy_vs_params.png."""
+def write_results(rows: list[dict], out: Path, suite: str, name: str = "results", published: str | None = None) -> str:
+    """<name>.csv, <name>.md (paper-shaped table, published rows below) and a PNG of accuracy vs parameters
+    (the bench's ``accuracy_vs_params.png``; ``<name>.png`` for a study)."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    table = markdown_table(rows, suite)
-    (out / "results.md").write_text(table + "\n")
-    plot_accuracy_vs_params(rows, out / "accuracy_vs_params.png")
+    write_csv(out / f"{name}.csv", rows)
+    table = markdown_table(rows, suite, published)
+    atomic_write(out / f"{name}.md", lambda f: f.write(table + "\n"), "w")
+    plot_accuracy_vs_params(rows, out / ("accuracy_vs_params.png" if name == "results" else f"{name}_params.png"))
     print(table)
     return table
 
@@ -128,7 +161,8 @@ def _agg(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def markdown_table(rows: list[dict], suite: str) -> str:
+def markdown_table(rows: list[dict], suite: str, published: str | None = None) -> str:
+    """The measured rows (mean ± std over seeds), then ``published`` (default: the suite's published table)."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     groups = list(dict.fromkeys(r["group"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -158,10 +192,11 @@ def markdown_table(rows: list[dict], suite: str) -> str:
     protocols = sorted({r["protocol"] for r in rows})
     lines.append(f"\nTop-1 % on test, mean ± std over seeds {sorted({r['seed'] for r in rows})}; protocol: "
                  f"{', '.join(protocols)}; params = method parameters without the head.")
-    published = markdown_published(suite)
+    if published is None and markdown_published(suite):
+        published = (f"Published (not run here; from configs/published/{suite}.csv, both means recomputed from the "
+                     f"cells; 'printed' is the paper's own mean and its convention):\n\n{markdown_published(suite)}")
     if published:
-        lines.append(f"\nPublished (not run here; from configs/published/{suite}.csv, both means recomputed from the "
-                     f"cells; 'printed' is the paper's own mean and its convention):\n\n{published}")
+        lines.append(f"\n{published}")
     return "\n".join(lines)
 
 

@@ -50,14 +50,15 @@ def run_experiment(model: str, weights: str | None, data: str, output: str | Pat
                    num_classes: int | None = None, drop_path: float | None = None, img_size: int | None = None,
                    aug: str | None = None, skip_bad_images: bool = False, verbose: bool = True,
                    overwrite: bool = False, restart: str = "pass --overwrite to start over",
-                   **train_overrides: Any) -> dict:
+                   on_epoch=None, **train_overrides: Any) -> dict:
     """Train and test one (model, data, method); returns the summary dict also written to summary.json.
 
     Precedence: explicit ``train_overrides`` > the method's rate in the task config > the task config >
     ``TrainConfig`` defaults; explicit ``method_opts`` > the method's options in the task config.
     ``resume`` continues a run with the same settings (checked: model, backbone fingerprint, data, method
     and options, every training value); ``overwrite`` replaces a run in ``output``; ``restart`` is the
-    advice for starting over that errors give (the bench deletes a cell instead of passing --overwrite).
+    advice for starting over that errors give (the bench deletes a cell instead of passing --overwrite);
+    ``on_epoch`` sees every epoch's metrics row (a sweep's pruner).
     """
     task, cfg, mcfg = plan(data, method, method_opts, config, **train_overrides)
     num_classes = num_classes or task.get("num_classes")
@@ -82,4 +83,4 @@ def run_experiment(model: str, weights: str | None, data: str, output: str | Pat
 
     if verbose:
         print(format_summary(summary(make_model())))
-    return Trainer(make_model, splits, cfg, Path(output), settings, overwrite, restart).fit(resume=resume)
+    return Trainer(make_model, splits, cfg, Path(output), settings, overwrite, restart, on_epoch).fit(resume=resume)

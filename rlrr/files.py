@@ -1,6 +1,7 @@
 """Writing files so that work is never lost: one helper, used for every output the project writes."""
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from typing import IO, Callable
@@ -20,3 +21,14 @@ def atomic_write(path: str | Path, write: Callable[[IO], object], mode: str = "w
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> Path:
+    """``rows`` as a CSV (columns: every key, in first-seen order), written atomically."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def write(f: IO) -> None:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)
+    return atomic_write(path, write, "w")

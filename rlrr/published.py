@@ -65,3 +65,17 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def study_markdown(name: str) -> tuple[str, str]:
+    """A study's published table (``configs/published/study_<name>.csv``) as markdown, and its source;
+    ('', '') when the paper has no numbers for it (Fig. 2 is a plot)."""
+    path = PUBLISHED_DIR / f"study_{name}.csv"
+    if not path.is_file():
+        return "", ""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    head = [k for k in rows[0] if k != "source"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r[k] for k in head) + " |" for r in rows]
+    return "\n".join(lines), "; ".join(dict.fromkeys(r["source"] for r in rows))

@@ -137,7 +137,7 @@ def test_bad_weights_checkpoint_and_config_files_are_one_line(task, tmp_path, ca
 def test_unexpected_errors_are_one_line_with_the_debug_hint(monkeypatch, capsys):
     def broken(args):
         return 1 / 0
-    monkeypatch.setattr("rlrr.cli.cmd_info", broken)
+    monkeypatch.setattr("rlrr.cli.model.cmd_info", broken)
     assert main(["info"]) == 2
     assert "unexpected ZeroDivisionError" in (e := err_line(capsys)) and "RLRR_DEBUG=1" in e
 

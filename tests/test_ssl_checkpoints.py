@@ -45,3 +45,21 @@ def test_self_supervised_checkpoints_load_their_encoder(layout, tmp_path):
     for k, v in sd.items():
         assert (own[k] - v).abs().max() <= 1e-6, k
     assert rlrr.summary(rlrr.apply(model, rlrr.RLRRConfig()))["method_params"] > 0
+
+
+def test_mae_fine_tuned_checkpoint_with_global_pool_fc_norm_loads_where_it_was_trained(tmp_path):
+    """MAE's fine-tuned release: {"model": ...} with `fc_norm` (global average pooling) and no final `norm`;
+    the backbone is built with global_pool="avg" and equals the same weights loaded the timm way."""
+    torch.manual_seed(0)
+    trained = timm.create_model(NAME, pretrained=False, num_classes=7, global_pool="avg", **KW).eval()
+    sd = trained.state_dict()
+    assert "fc_norm.weight" in sd and "norm.weight" not in sd
+    path = tmp_path / "mae_finetuned_vit.pth"
+    torch.save({"model": sd, "epoch": 99}, path)
+    model = rlrr.create_backbone(NAME, weights=str(path), num_classes=7, **KW).eval()
+    assert model.global_pool == "avg"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - trained(x)).abs().max() <= 1e-6
+    fresh = rlrr.apply(rlrr.create_backbone(NAME, weights=str(path), num_classes=7, **KW), rlrr.RLRRConfig())
+    assert "fc_norm" in {n.split(".")[0] for n, p in fresh.named_parameters() if p.requires_grad}  # SSF after fc_norm

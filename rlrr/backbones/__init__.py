@@ -139,8 +139,16 @@ def checkpoint_num_classes(name: str, tensors: dict[str, torch.Tensor]) -> int |
     return None if head is None else head.shape[0]
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a local checkpoint into a freshly created timm model.
+def pooled_by_average(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> bool:
+    """A ViT checkpoint fine-tuned with global average pooling (MAE's and BEiT-style fine-tuned weights keep
+    ``fc_norm`` and no final ``norm``) given to a ViT built for the class token: it should be built with
+    ``global_pool="avg"`` so its weights load where they were trained."""
+    return (isinstance(model, VisionTransformer) and isinstance(model.fc_norm, torch.nn.Identity)
+            and "fc_norm.weight" in sd and "norm.weight" not in sd)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, sd: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a local checkpoint (or its state dict ``sd``, already read) into a freshly created timm model.
 
     Google's ViT ``.npz`` goes through timm's own npz reader; other files go through the model
     module's ``checkpoint_filter_fn`` (key remapping, position-embedding resizing) when timm has one.
@@ -158,7 +166,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
             raise BackboneError(f"{path} does not fit {architecture(model)} in Google's ViT layout "
                                 f"({str(e).splitlines()[0][:200]}); use the .npz of the matching ViT size") from None
         return
-    sd = read_state_dict(path)
+    sd = read_state_dict(path) if sd is None else sd
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
@@ -195,9 +203,13 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
         weights = EMBEDDED_WEIGHTS
     try:
         if str(weights).lower() != "pretrained":
+            local = weights is not None and str(weights).lower() != "none"
+            sd = read_state_dict(weights) if local and Path(weights).suffix != ".npz" and Path(weights).is_file() else None
             model = timm.create_model(name, pretrained=False, **kwargs)
-            if weights is not None and str(weights).lower() != "none":
-                load_weights(model, weights)
+            if sd is not None and "global_pool" not in kwargs and pooled_by_average(model, sd):
+                model = timm.create_model(name, pretrained=False, global_pool="avg", **kwargs)
+            if local:
+                load_weights(model, weights, sd)
         else:
             model = _create_pretrained(name, **kwargs)
     except BackboneError:

@@ -7,11 +7,12 @@ Protocols (``TrainConfig.protocol``), recorded in every results file:
 * ``val``: as above without the retraining; the best-on-val checkpoint is tested once.
 * ``test``: the official code's practice — train on ``trainval``, evaluate ``test`` after every
   epoch and report the best (model selection on the test set; numbers are optimistic).
+* ``search``: train on ``train``, pick on ``val``, never test (a sweep trial: the test split is read only
+  once a setting is chosen).
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import fcntl
 import json
 import math
@@ -27,14 +28,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import adapter_state, batchnorm_stats, save_adapter
-from ..files import atomic_write
+from ..files import atomic_write, write_csv
 from ..methods.base import summary, trainable_parameters
 from . import distributed as dist
 from ..methods.base import cross_entropy
 from .loop import NonFiniteLoss, StepConfig, evaluate, train_one_epoch
 from .optim import build_optimizer, build_scheduler
 
-PROTOCOLS = ("retrain", "val", "test")
+PROTOCOLS = ("retrain", "val", "test", "search")
 RUN_FILES = ("checkpoint.pt", "summary.json", "adapter.safetensors", "best_adapter.safetensors", "metrics.jsonl",
              "metrics.csv", "curves.png")
 NOT_SETTINGS = {"progress", "num_workers", "eval_batch_size", "device"}  # may change on --resume
@@ -140,8 +141,9 @@ class Trainer:
 
     def __init__(self, make_model: Callable[[], torch.nn.Module], splits, cfg: TrainConfig, out: Path,
                  settings: dict | None = None, overwrite: bool = False,
-                 restart: str = "pass --overwrite to start over"):
+                 restart: str = "pass --overwrite to start over", on_epoch: Callable[[dict], None] | None = None):
         self.make_model, self.splits, self.cfg, self.out = make_model, splits, cfg, Path(out)
+        self.on_epoch = on_epoch  # sees each epoch's row once it is saved; may stop the run by raising (a pruner)
         self.overwrite, self.restart = overwrite, restart
         self.rank, self.world, self.device = dist.setup(cfg.device)
         if self.rank == 0:
@@ -233,7 +235,8 @@ class Trainer:
         if resumed:
             self.state = resumed
         phases = {"retrain": [("select", "train", "val"), ("final", "trainval", None)],
-                  "val": [("select", "train", "val")], "test": [("official", "trainval", "test")]}[cfg.protocol]
+                  "val": [("select", "train", "val")], "search": [("select", "train", "val")],
+                  "test": [("official", "trainval", "test")]}[cfg.protocol]
         names = [p for p, *_ in phases]
         start = names.index(self.state["phase"]) if self.state["phase"] in names else 0
         model = None
@@ -296,6 +299,8 @@ class Trainer:
             if show:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                       flush=True)
+            if self.on_epoch is not None and self.rank == 0:
+                self.on_epoch(row)
         if phase == "select":
             self.state["selected_epochs"] = self.state["best"]["epoch"]
         return model
@@ -310,10 +315,13 @@ class Trainer:
             load_adapter(plain, self.out / "best_adapter.safetensors")
         if cfg.protocol == "test":
             test = {"acc": st["best"]["acc"], "note": "max over epochs of test accuracy (selection on test)"}
+        elif cfg.protocol == "search":
+            test = {"acc": None}
         else:
             test = evaluate(plain, self.loader(self.splits.test, False), self.device, cfg.amp, progress=cfg.progress)
         result = {"dataset": self.splits.name, "num_classes": self.splits.num_classes, "protocol": cfg.protocol,
                   "selection": {"retrain": "best val epoch, retrained on trainval", "val": "best val epoch",
+                                "search": "best val epoch, not tested",
                                 "test": "best test epoch (official practice)"}[cfg.protocol],
                   "selected_epoch": st["best"]["epoch"], "val_acc": st["best"]["acc"] if cfg.protocol != "test" else None,
                   "test_acc": test["acc"], "train_wall_s": round(st["wall_s"], 1), "world_size": self.world,
@@ -346,13 +354,7 @@ class Trainer:
     def write_metrics(self) -> None:
         hist = self.state["history"]
         atomic_write(self.out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in hist)), "w")
-        keys = list(dict.fromkeys(k for r in hist for k in r))
-
-        def rows(f) -> None:
-            w = csv.DictWriter(f, keys)
-            w.writeheader()
-            w.writerows(hist)
-        atomic_write(self.out / "metrics.csv", rows, "w")
+        write_csv(self.out / "metrics.csv", hist)
 
 
 def _method_config(model) -> dict:

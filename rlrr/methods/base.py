@@ -36,39 +36,49 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(method: Method) -> Method:
-    METHODS[method.name] = method
+@dataclass(frozen=True)
+class Composed:
+    """A family of method names built from others (``peft:<tuner>``, ``<method>+pace``), registered by the
+    module that builds them so this interface never imports them: ``matches(name)``, then the ``method``
+    and the ``config`` (from plain values) for that name."""
+    matches: Callable[[str], bool]
+    method: Callable[[str], Method]
+    config: Callable[[str, dict], Any]
+
+
+COMPOSED: list[Composed] = []
+
+
+def register(method: Method | Composed) -> Method | Composed:
+    if isinstance(method, Composed):
+        COMPOSED.append(method)
+    else:
+        METHODS[method.name] = method
     return method
 
 
+def composed(name: str) -> Composed | None:
+    return next((c for c in COMPOSED if c.matches(name)), None)
+
+
 def get_method(name: str) -> Method:
-    """A registered method, or a composed one: ``peft:<tuner>`` (peft's tuners), ``<method>+pace``."""
-    from . import _load_all  # noqa: F401 - importing the package registers every method
-    if name.startswith("peft:"):
-        if "+pace" in name:
-            raise ValueError(f"{name}: PACE wraps rlrr's own methods (rlrr, lora, ssf, adapter, hta), not peft "
-                             "tuners; drop +pace")
-        from .peft import peft_method
-        return peft_method(name[5:])
-    if name.endswith("+pace"):
-        if name[:-5].endswith("+pace"):
-            raise ValueError(f"{name} applies PACE twice; use {name[:-5]}")
-        from .pace import pace_method
-        return pace_method(get_method(name[:-5]))
+    """A registered method, or a composed one (``peft:<tuner>``, ``<method>+pace``).  Every method registers
+    when ``rlrr.methods`` is imported, which importing this module does first."""
+    family = composed(name)
+    if family is not None:
+        return family.method(name)
     if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}, peft:<tuner> or "
+                       "<method>+pace")
     return METHODS[name]
 
 
 def make_config(name: str, **overrides: Any):
     """A method's config from plain values (YAML/CLI/adapter metadata), rejecting unknown keys by name."""
     get_method(name)  # an unknown or impossible name (PACE twice, PACE around peft) is refused first
-    if name.startswith("peft:"):
-        from .peft import make_peft_config
-        return make_peft_config(name[5:], overrides)
-    if name.endswith("+pace"):
-        from .pace import pace_config
-        return pace_config(name[:-5], overrides)
+    family = composed(name)
+    if family is not None:
+        return family.config(name, overrides)
     cls = get_method(name).config
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(overrides) - fields

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..backbones.discover import discover
 from ..config import check_fields
-from .base import Method, cross_entropy
+from .base import Composed, Method, cross_entropy, get_method, make_config, register
 
 MAX_SIGMA = 10.0
 PACE_KEYS = {"sigma": "sigma", "lambda": "lam", "lam": "lam", "quiet_blocks": "quiet_blocks"}
@@ -123,20 +123,25 @@ def apply_pace(model: nn.Module, cfg: PaceConfig, inner: Method) -> nn.Module:
     return model
 
 
-def pace_method(inner: Method) -> Method:
+def pace_method(name: str) -> Method:
     """The method ``<inner>+pace``: the inner method applied, then PACE around its layers."""
+    if name[:-5].endswith("+pace"):
+        raise ValueError(f"{name} applies PACE twice; use {name[:-5]}")
+    inner = get_method(name[:-5])
+
     def merge(model: nn.Module) -> nn.Module:
         del model.objective
         return inner.merge(model)
-    return Method(f"{inner.name}+pace", PaceConfig, lambda model, cfg: apply_pace(model, cfg, inner),
-                  merge if inner.merge else None)
+    return Method(name, PaceConfig, lambda model, cfg: apply_pace(model, cfg, inner), merge if inner.merge else None)
 
 
-def pace_config(inner_name: str, values: dict) -> PaceConfig:
+def pace_config(name: str, values: dict) -> PaceConfig:
     """A PaceConfig from flat values (``sigma``, ``lambda`` and the inner method's options) or from
     adapter metadata (``inner`` as a dict)."""
-    from .base import make_config
     values = dict(values)
     own = {PACE_KEYS[k]: values.pop(k) for k in list(values) if k in PACE_KEYS}
     inner = values.pop("inner", None) or {}
-    return PaceConfig(inner=make_config(inner_name, **{**inner, **values}), **check_fields(PaceConfig, own, "PACE"))
+    return PaceConfig(inner=make_config(name[:-5], **{**inner, **values}), **check_fields(PaceConfig, own, "PACE"))
+
+
+register(Composed(lambda name: name.endswith("+pace") and not name.startswith("peft:"), pace_method, pace_config))

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..backbones.discover import classifier_modules, discover, is_norm, role
 from ..config import check_fields
-from .base import Method, MergeError
+from .base import Composed, Method, MergeError, register
 
 PREFIX = "peft:"
 ALIASES = {"dora": ("lora", {"use_dora": True})}  # tuners that are options of another
@@ -105,14 +105,21 @@ def merge_peft(model: nn.Module) -> nn.Module:
         raise MergeError(f"this peft tuner cannot be merged ({str(e).splitlines()[0]})") from None
 
 
-def peft_method(tuner: str) -> Method:
-    return Method(PREFIX + tuner, PeftMethodConfig, apply_peft, merge_peft)
+def peft_method(name: str) -> Method:
+    if "+pace" in name:
+        raise ValueError(f"{name}: PACE wraps rlrr's own methods (rlrr, lora, ssf, adapter, hta), not peft "
+                         "tuners; drop +pace")
+    return Method(name, PeftMethodConfig, apply_peft, merge_peft)
 
 
-def make_peft_config(tuner: str, values: dict) -> PeftMethodConfig:
+def make_peft_config(name: str, values: dict) -> PeftMethodConfig:
     """From flat tuner options (CLI) or from adapter metadata (``tuner``/``options``/``train_head``)."""
+    tuner = name.removeprefix(PREFIX)
     if "options" in values or "tuner" in values:
         return PeftMethodConfig(**{**values, "tuner": tuner})
     train_head = values.pop("train_head", True)
     return PeftMethodConfig(tuner=tuner, options={k: list(v) if isinstance(v, tuple) else v
                                                   for k, v in values.items()}, train_head=train_head)
+
+
+register(Composed(lambda name: name.startswith(PREFIX), peft_method, make_peft_config))

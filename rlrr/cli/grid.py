@@ -1,0 +1,61 @@
+"""Grids of runs: ``rlrr bench`` (task × method × seed, or ``--study NAME``, the paper's ablations) and
+``rlrr sweep`` (the per-task hyper-parameter search); both resumable, both through a launcher."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import add_launcher_args, add_run_args, at_least, comma_list, launcher_of, path_arg, run_choice
+
+
+def cmd_bench(args) -> list:
+    settings = dict(epochs=args.epochs, protocol=args.protocol)
+    if args.study:
+        from ..study import run_study
+        return run_study(args.study, args.suite, args.seeds, Path(args.output), args.root, args.model, args.weights,
+                         args.smoke, launcher_of(args), **settings)
+    from ..bench import run_bench
+    return run_bench(args.suite, args.methods, args.seeds, Path(args.output), args.root, args.model, args.weights,
+                     args.smoke, launcher_of(args), **settings)
+
+
+def cmd_sweep(args) -> dict:
+    from ..sweep import Sweep, parse_grid
+    method, opts, overrides = run_choice(args)
+    for flag in ("num_classes", "img_size", "aug", "skip_bad_images"):
+        if getattr(args, flag, None):
+            raise ValueError(f"rlrr sweep takes --{flag.replace('_', '-')} through the task YAML (--config); "
+                             "write it there")
+    sweep = Sweep(Path(args.output), args.model, None if args.weights == "none" else args.weights, args.data,
+                  method, opts, parse_grid(args.grid), args.budget, args.config,
+                  **({"drop_path": args.drop_path} if args.drop_path is not None else {}), **overrides)
+    return sweep.run(launcher_of(args))
+
+
+def add_commands(sub) -> None:
+    from ..engine.trainer import PROTOCOLS
+    from ..study import STUDIES
+    p = sub.add_parser("bench", help="task x method x seed grid (or --study: the paper's ablations), resumable")
+    p.add_argument("--suite", choices=["mini", "vtab1k", "fgvc"], default="mini")
+    p.add_argument("--methods", default="linear,full,bitfit,ssf,lora,adapter,vpt,rlrr,rlrr+pace,hta,apla", type=comma_list(),
+                   help="comma-separated; peft tuners as peft:<tuner> (needs the peft group)")
+    p.add_argument("--study", choices=list(STUDIES),
+                   help="an ablation of RLRR's design instead of --methods: " + "; ".join(f"{k}: {v}" for k, v in STUDIES.items()))
+    p.add_argument("--seeds", default="0,1,2", type=comma_list(int))
+    p.add_argument("--root", help="folder with the suite's task folders (vtab1k, fgvc)")
+    p.add_argument("--model", default=None, help="backbone (default: the suite's)")
+    p.add_argument("--weights", default=None, help="backbone weights file (vtab1k/fgvc: e.g. ViT-B_16.npz)")
+    p.add_argument("--epochs", type=at_least(1), default=None)
+    p.add_argument("--protocol", choices=[x for x in PROTOCOLS if x != "search"], default=None)
+    p.add_argument("--smoke", action="store_true", help="one task, one epoch, the first seed: a CI-sized check")
+    p.add_argument("--output", default="runs/bench", type=path_arg)
+    add_launcher_args(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sweep", help="per-task hyper-parameter search on val, then the choice retrained and tested once")
+    add_run_args(p)
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
+                   help="search KEY over these values (repeatable; default: the paper's grid of lr, weight_decay, "
+                        "drop_path, batch_size); keys not given keep the task's values")
+    p.add_argument("--budget", type=at_least(1), help="at most this many trials (a seeded random part of the grid)")
+    add_launcher_args(p)
+    p.set_defaults(func=cmd_sweep)

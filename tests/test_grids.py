@@ -1,0 +1,130 @@
+"""Grids of runs: the paper's ablation studies, the per-task sweep, and the launchers that run cells
+elsewhere (local processes, submitit's local executor standing in for Slurm)."""
+import json
+import sys
+
+import pytest
+from fixtures import make_vtab
+
+from rlrr.bench import run_bench
+from rlrr.cli import main
+from rlrr.experiment import plan
+from rlrr.launch import Launcher
+from rlrr.study import STUDIES, study_rows
+
+MODEL = "vit_pico_patch4_32"
+
+
+def test_study_rows_are_the_papers_variants():
+    assert [r.label for r in study_rows("scalings")] == ["left", "right", "both", "left + W", "right + W",
+                                                         "both + W (RLRR)"]
+    rows = study_rows("sites", 6)
+    assert [r.options.get("blocks") for r in rows[4:]] == [f"first:{k}" for k in range(1, 6)]
+    for name in STUDIES:  # every row is a valid method configuration; the defaults share one cell folder
+        for row in study_rows(name, 3):
+            plan("offline:mnist", row.method, row.options)
+        assert any(r.folder == "rlrr" for r in study_rows(name, 3))
+
+
+def test_scalings_study_smoke_prints_table_6_and_shares_the_rlrr_cell(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["bench", "--study", "scalings", "--suite", "mini", "--smoke", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    for label in ("| left |", "| right + W |", "| both + W (RLRR) |"):
+        assert label in text
+    assert "Table 6" in text and "| 89.3 | 84.7 | 99.5 | 92.0 | 87.0 | 90.4 | 0.47 |" in text  # the published row
+    md = (out / "study_scalings.md").read_text()
+    assert md.count("| 0.0") >= 6 and (out / "study_scalings.png").stat().st_size > 1000
+    rlrr_cell = out / "mnist" / "rlrr" / "seed0" / "summary.json"
+    stamp = rlrr_cell.stat().st_mtime_ns
+    assert main(["bench", "--study", "additive", "--suite", "mini", "--smoke", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mnist w/ W (RLRR) seed 0: done" in text and "Supp. Table 11" in text and "| LoRA r=16 |" in text
+    assert rlrr_cell.stat().st_mtime_ns == stamp
+    assert json.loads((out / "mnist" / "rlrr_form-additive" / "seed0" / "summary.json").read_text())[
+        "method_config"]["form"] == "additive"
+
+
+def sweep_args(out, *extra):
+    return ["sweep", "--model", MODEL, "--weights", "pretrained", "--data", "offline:mnist", "--method", "rlrr",
+            "--grid", "lr=1e-3,1e-2", "--epochs", "2", "--output", str(out), "--no-progress", *extra]
+
+
+def test_sweep_chooses_on_val_writes_a_task_yaml_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(sweep_args(out)) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["trials"] == {"complete": 2, "pruned": 0, "fail": 0}
+    trials = (out / "trials.csv").read_text().splitlines()
+    assert len(trials) == 3 and trials[0].startswith("trial,lr,state,val_acc")
+    vals = {float(line.split(",")[1]): float(line.split(",")[3]) for line in trials[1:]}
+    assert summary["best"]["lr"] == max(vals, key=vals.get) and summary["val_acc"] == max(vals.values())
+    for folder in (out / "trials").iterdir():  # trials never test
+        assert json.loads((folder / "summary.json").read_text())["test_acc"] is None
+    assert summary["final"]["protocol"] == "retrain" and summary["final"]["test_acc"] > 0
+    _, train, _ = plan("offline:mnist", "rlrr", None, str(out / "best.yaml"))  # rlrr train --config takes it
+    assert (train.lr, train.epochs) == (summary["best"]["lr"], 2)
+    assert (out / "sweep.png").stat().st_size > 1000
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+    capsys.readouterr()
+    assert main(sweep_args(out)) == 0  # a second call reads everything back
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == stamps
+    assert "running" not in capsys.readouterr().out
+    assert main(sweep_args(out, "--weight-decay", "0.01")) == 2  # another sweep into the same folder: refused
+    assert "holds a sweep run with train=" in capsys.readouterr().err
+
+
+def test_a_trial_cut_off_by_a_kill_is_asked_again(tmp_path):
+    from rlrr.sweep import Sweep, parse_grid
+    out = tmp_path / "sweep"
+    sweep = Sweep(out, MODEL, "pretrained", "offline:mnist", "rlrr", {}, parse_grid(["lr=0.003,0.03"]), epochs=1,
+                  progress=False)
+    killed = sweep.study().ask()  # asked and never told: what a killed process leaves in the journal
+    lr = killed.suggest_categorical("lr", [0.003, 0.03])
+    summary = sweep.run()
+    assert summary["trials"]["complete"] == 2
+    trials = sweep.study().trials
+    assert trials[0].state.name == "RUNNING"
+    assert sorted(t.params["lr"] for t in trials if t.state.name == "COMPLETE") == [0.003, 0.03]
+    assert any(t.number > 1 and t.params["lr"] == lr for t in trials)  # the cut-off setting, asked again last
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["lr-0.003", "lr-0.03"]
+
+
+def test_the_sweep_never_reads_the_test_split_before_its_choice(tmp_path):
+    root = tmp_path / "vtab"
+    task = make_vtab(root, "svhn", sizes=(40, 10, 30))
+    test_files = {str(task / line.split()[0]) for line in (task / "test.txt").read_text().split("\n") if line}
+    events = []
+
+    def hook(event, args):
+        if event == "open" and isinstance(args[0], str) and args[0] in test_files:
+            events.append("test")
+        elif event == "os.rename" and str(args[1]).endswith("best.yaml"):
+            events.append("choice")
+    sys.addaudithook(hook)  # the interpreter's own record of every file it opens
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", MODEL, "--data", f"vtab1k:{task}", "--grid", "lr=0.01,0.1", "--epochs", "1",
+                 "--batch-size", "16", "--output", str(out), "--no-progress"]) == 0
+    assert "choice" in events and "test" in events
+    assert "test" not in events[:events.index("choice")]
+    test_files.clear()  # the hook stays installed for the session: make it inert
+
+
+def test_bench_cells_run_through_submitit_and_come_back_as_one_table(tmp_path):
+    pytest.importorskip("submitit")
+    out = tmp_path / "bench"
+    rows = run_bench("mini", ["linear", "bitfit"], [0], out, smoke=True,
+                     launcher=Launcher("slurm", cpus=1, time_min=10, cluster="local"))
+    assert [r["method"] for r in rows] == ["linear", "bitfit"] and all(r["test_acc"] > 0 for r in rows)
+    assert any((out / "logs").glob("*_log.out"))  # submitit's job logs: the cells ran as its jobs
+    md = (out / "results.md").read_text()
+    assert "| linear |" in md and "| bitfit |" in md
+
+
+def test_local_workers_run_cells_in_processes_and_name_failures(tmp_path):
+    out = tmp_path / "bench"
+    rows = run_bench("mini", ["linear"], [0], out, smoke=True, launcher=Launcher("local", workers=2))
+    assert rows[0]["test_acc"] > 0
+    with pytest.raises(RuntimeError, match=r"1 of 1 cells failed \(first: \[2/2\] mnist lora seed 0: ValueError"):
+        run_bench("mini", ["linear", "lora"], [0], out, smoke=True, launcher=Launcher("local", workers=2),
+                  epochs=0)
