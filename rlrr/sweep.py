@@ -5,7 +5,7 @@ read); Optuna draws the grid points (``GridSampler``, in a seeded random order, 
 random subset of the grid) and stops hopeless trials on their validation curve (``MedianPruner``).  The
 best trial's setting is written as ``best.yaml`` (a task YAML ``rlrr train --config`` takes), then
 retrained with the ``retrain`` protocol (pick the epoch on val, train on train+val, test once) in
-``final/``: the only run that reads test.
+``final/<setting>/``: the only run that reads test.
 
 Everything resumes: trials live in an Optuna journal (``optuna.journal``), each trial's run in
 ``trials/<setting>/`` (a bench cell: resumed from its checkpoint).  A trial cut off by a kill stays
@@ -86,8 +86,8 @@ class Sweep:
         size = math.prod(len(v) for v in grid.values())
         self.trials = min(budget, size) if budget else size
         self.epochs = plan(data, method, method_opts, config, **self.train)[1].epochs  # validates everything now
-        self.record = json.loads(json.dumps({"grid": grid, "trials": self.trials, **self.run_args, "config": config,
-                                             "train": self.train}))
+        # what makes two sweeps the same one (the budget may grow on a later call: more trials of the same search)
+        self.record = json.loads(json.dumps({"grid": grid, **self.run_args, "config": config, "train": self.train}))
 
     def study(self):
         optuna = _optuna()
@@ -152,7 +152,7 @@ class Sweep:
         best = max(complete, key=lambda t: (t.value, -t.number))
         self.write_trials(trials, best.number)
         best_yaml = self.write_best(best.params)
-        final = run_cell(self.out / "final", f"final run of {best.params}", **self.run_args,
+        final = run_cell(self.out / "final" / setting_folder(best.params), f"final run of {best.params}", **self.run_args,
                          **{**self.train, "protocol": "retrain", "config": str(best_yaml)})
         summary = {"best": best.params, "best_trial": best.number, "val_acc": best.value,
                    "trials": {s.name.lower(): sum(t.state == s for t in trials) for s in
