@@ -75,11 +75,12 @@ class Sweep:
     """One sweep's settings and folder; ``run()`` does it all, ``work()`` is one worker's share of the trials."""
 
     def __init__(self, out: Path, model: str, weights: str | None, data: str, method: str, method_opts: dict,
-                 grid: dict[str, list], budget: int | None = None, config: str | None = None, **train: Any):
+                 grid: dict[str, list], budget: int | None = None, config: str | None = None, pruner: Any = None,
+                 **train: Any):
         clash = sorted(set(grid) & {k for k, v in train.items() if v is not None})
         if clash:
             raise ValueError(f"--{clash[0].replace('_', '-')} is fixed and searched by --grid; drop one of the two")
-        self.out, self.grid, self.config = Path(out), grid, config
+        self.out, self.grid, self.config, self.pruner = Path(out), grid, config, pruner  # None: MedianPruner
         self.run_args = dict(model=model, weights=weights or "pretrained", spec=data, method=method,
                              method_opts=method_opts or None)
         self.train = {k: v for k, v in train.items() if v is not None and k != "progress"}  # cells run quietly
@@ -97,8 +98,8 @@ class Sweep:
         storage = JournalStorage(JournalFileBackend(str(self.out / "optuna.journal")))
         study = optuna.create_study(study_name="sweep", storage=storage, load_if_exists=True, direction="maximize",
                                     sampler=optuna.samplers.GridSampler(self.grid, seed=0),
-                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=3,
-                                                                       n_warmup_steps=max(1, self.epochs // 3)))
+                                    pruner=self.pruner or optuna.pruners.MedianPruner(
+                                        n_startup_trials=3, n_warmup_steps=max(1, self.epochs // 3)))
         return study
 
     def objective(self, trial) -> float:
@@ -146,11 +147,11 @@ class Sweep:
                    self.out / "logs")
         trials = self.study().trials
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        if not complete:
+        best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+        self.write_trials(trials, best.number if best else -1)
+        if best is None:
             raise RuntimeError(f"no trial of the sweep in {self.out} finished (see trials.csv); widen the grid or "
                                "lower the learning rates")
-        best = max(complete, key=lambda t: (t.value, -t.number))
-        self.write_trials(trials, best.number)
         best_yaml = self.write_best(best.params)
         final = run_cell(self.out / "final" / setting_folder(best.params), f"final run of {best.params}", **self.run_args,
                          **{**self.train, "protocol": "retrain", "config": str(best_yaml)})

@@ -90,6 +90,20 @@ def test_a_trial_cut_off_by_a_kill_is_asked_again(tmp_path):
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["lr-0.003", "lr-0.03"]
 
 
+def test_pruned_trials_stop_early_and_a_sweep_without_a_finished_trial_says_so(tmp_path):
+    import optuna
+    from rlrr.sweep import Sweep, parse_grid
+    out = tmp_path / "sweep"
+    sweep = Sweep(out, MODEL, "pretrained", "offline:mnist", "rlrr", {}, parse_grid(["lr=0.01"]), epochs=3,
+                  pruner=optuna.pruners.ThresholdPruner(lower=101.0))  # every val accuracy is below 101%
+    with pytest.raises(RuntimeError, match="no trial of the sweep .* finished"):
+        sweep.run()
+    trial = sweep.study().trials[0]
+    assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [1]  # stopped after one epoch
+    assert not (out / "trials" / "lr-0.01" / "summary.json").exists()
+    assert ",pruned," in (out / "trials.csv").read_text()
+
+
 def test_the_sweep_never_reads_the_test_split_before_its_choice(tmp_path):
     root = tmp_path / "vtab"
     task = make_vtab(root, "svhn", sizes=(40, 10, 30))
