@@ -216,3 +216,18 @@ def test_swin_follows_the_official_swin_code():
     assert round((count + head) / 1e6, 2) == 0.41
     assert rlrr.summary(rlrr.apply(timm.create_model("swin_base_patch4_window7_224", pretrained=False),
                                    rlrr.RLRRConfig(reduction=False)))["method_params"] == count - 5376
+
+
+def test_the_official_init_draws_in_its_historic_order():
+    """s_l then s_r for each rank-1 term and row block, in turn: the random stream earlier releases (and
+    every bench cell recorded before the design-space options) drew, so seeds keep their meaning."""
+    torch.manual_seed(0)
+    layer = RescaledLinear(torch.nn.Linear(8, 12), groups=3, rank=2)
+    torch.manual_seed(0)
+    torch.nn.Linear(8, 12)  # the base layer's own draws come first
+    for k in range(2):
+        for g in range(3):
+            left, right = torch.empty(4, 1), torch.empty(1, 8)
+            torch.nn.init.kaiming_uniform_(left)
+            torch.nn.init.kaiming_uniform_(right)
+            assert torch.equal(layer.scale_l[k, g], left[:, 0]) and torch.equal(layer.scale_r[k, g], right[0])

@@ -93,6 +93,11 @@ class _RescaledOp(torch.autograd.Function):
         return gx, g_w, g_b, g_l, g_r, g_f, None
 
 
+# Supp. Table 10's rows: torch.nn.init's functions at their defaults (the paper gives no distributions)
+PLAIN_INITS = {"normal": nn.init.normal_, "zero": nn.init.zeros_, "constant": lambda p: nn.init.constant_(p, 1.0),
+               "uniform": nn.init.uniform_}
+
+
 class _Rescaled(nn.Module):
     """Shared machinery of the rescaled Linear and Conv2d; subclasses give the matrix view and the op.
 
@@ -126,25 +131,19 @@ class _Rescaled(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
         """The trained vectors' start (``INITS``); a fixed side stays at ones."""
-        trained = [p for p in (self.scale_l, self.scale_r) if isinstance(p, nn.Parameter)]
-        if init in ("official", "identity"):
-            rank, groups, _ = self.scale_l.shape
-            for p, view in ((self.scale_l, (-1, 1)), (self.scale_r, (1, -1))):  # fan-in 1 (U(±√6)), fan-in = cols
-                for k in range(rank):
-                    for g in range(groups):
-                        if isinstance(p, nn.Parameter):
-                            nn.init.kaiming_uniform_(p[k, g].view(view))
-            if init == "identity":
-                trained[0].zero_()
-        for p in trained:
-            if init == "normal":
-                nn.init.normal_(p)
-            elif init == "zero":
-                p.zero_()
-            elif init == "constant":
-                p.fill_(1.0)
-            elif init == "uniform":
-                nn.init.uniform_(p)
+        trained = [(p, view) for p, view in ((self.scale_l, (-1, 1)), (self.scale_r, (1, -1)))
+                   if isinstance(p, nn.Parameter)]
+        if init in PLAIN_INITS:
+            for p, _ in trained:
+                PLAIN_INITS[init](p)
+            return
+        rank, groups, _ = self.scale_l.shape  # official / identity: kaiming on the official shapes, per rank-1
+        for k in range(rank):                 # term and row block: (out,1) U(±√6), (1,in) fan-in = in
+            for g in range(groups):
+                for p, view in trained:
+                    nn.init.kaiming_uniform_(p[k, g].view(view))
+        if init == "identity":
+            trained[0][0].zero_()
 
     # matrix view -------------------------------------------------------------------------------
     def to_matrix(self, w: torch.Tensor) -> torch.Tensor:
