@@ -119,15 +119,21 @@ def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method
                           restart=f"delete {cell} to re-run that cell", progress=False, on_epoch=on_epoch, **settings)
 
 
+# What a run takes beside its training values (``run_experiment``'s own arguments), compared where recorded.
+RUN_OPTIONS = ("drop_path", "aug", "img_size", "num_classes", "skip_bad_images")
+
+
 def changes(res: dict, model: str, spec: str, method: str, method_opts: dict | None, settings: dict) -> str:
     """What a finished cell's summary.json recorded that differs from what the cell would use now
     ('' when nothing): every training value, every method option, and the model and data.  A value the
     record lacks belongs to an option added since, whose default keeps the old behaviour: not a change."""
     settings = dict(settings)
-    drop_path = settings.pop("drop_path", None)
+    run = {k: settings.pop(k) for k in RUN_OPTIONS if k in settings}
     task, cfg, mcfg = plan(spec, method, method_opts, **settings)
     recorded = res.get("settings", {})
-    extra = {"drop_path": task.get("drop_path", 0.0) if drop_path is None else drop_path} if "drop_path" in recorded else {}
+    given = {"drop_path": task.get("drop_path", 0.0) if run.get("drop_path") is None else run["drop_path"],
+             "aug": run.get("aug") or task.get("aug"), "img_size": run.get("img_size")}
+    extra = {k: v for k, v in given.items() if k in recorded}
     now = flat({**cfg.settings(), "method": asdict(mcfg), "model": model, "data": spec, **extra})
     was = flat({**{k: v for k, v in res["config"].items() if k in cfg.settings()},
                 "method": res.get("method_config", {}), "model": recorded.get("model", model),

@@ -21,7 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .bench import run_cell
+from .bench import RUN_OPTIONS, run_cell
 from .config import load_yaml, task_config, task_config_path
 from .engine.trainer import TrainConfig
 from .experiment import plan
@@ -33,6 +33,7 @@ PAPER_GRID: dict[str, list] = {"lr": [0.2, 0.1, 0.05, 0.01, 0.005, 0.001, 0.0001
                                "weight_decay": [0.05, 0.01, 0.005, 0.001, 0.0],
                                "drop_path": [0.0, 0.1, 0.3, 0.5, 0.7], "batch_size": [256, 128, 32]}
 NOT_SEARCHED = {"protocol", "seed", "device", "progress", "num_workers", "eval_batch_size", "deterministic"}
+TASK_KEYS = ("drop_path", "aug", "num_classes")  # run options a task YAML holds itself
 SEARCHABLE = tuple(f.name for f in fields(TrainConfig) if f.name not in NOT_SEARCHED) + ("drop_path",)
 
 
@@ -83,12 +84,15 @@ class Sweep:
         self.out, self.grid, self.config, self.pruner = Path(out), grid, config, pruner  # None: MedianPruner
         self.run_args = dict(model=model, weights=weights or "pretrained", spec=data, method=method,
                              method_opts=method_opts or None)
-        self.train = {k: v for k, v in train.items() if v is not None and k != "progress"}  # cells run quietly
+        train = {k: v for k, v in train.items() if v is not None and k != "progress"}  # cells run quietly
+        self.run_opts = {k: train.pop(k) for k in RUN_OPTIONS if k in train and k not in grid}
+        self.train = train
         size = math.prod(len(v) for v in grid.values())
         self.trials = min(budget, size) if budget else size
         self.epochs = plan(data, method, method_opts, config, **self.train)[1].epochs  # validates everything now
         # what makes two sweeps the same one (the budget may grow on a later call: more trials of the same search)
-        self.record = json.loads(json.dumps({"grid": grid, **self.run_args, "config": config, "train": self.train}))
+        self.record = json.loads(json.dumps({"grid": grid, **self.run_args, "config": config, "train": self.train,
+                                             "run": self.run_opts}))
 
     def study(self):
         optuna = _optuna()
@@ -113,7 +117,7 @@ class Sweep:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val {row['val_acc']:.1f}% at epoch {row['epoch']}, below the median")
         res = run_cell(folder, f"trial {trial.number} {params}", **self.run_args, on_epoch=report,
-                       **{**self.train, "protocol": "search", "config": self.config}, **params)
+                       **{**self.train, **self.run_opts, "protocol": "search", "config": self.config}, **params)
         trial.set_user_attr("selected_epoch", res["selected_epoch"])
         return res["val_acc"]
 
@@ -154,7 +158,7 @@ class Sweep:
                                "lower the learning rates")
         best_yaml = self.write_best(best.params)
         final = run_cell(self.out / "final" / setting_folder(best.params), f"final run of {best.params}", **self.run_args,
-                         **{**self.train, "protocol": "retrain", "config": str(best_yaml)})
+                         **{**self.train, **self.run_opts, "protocol": "retrain", "config": str(best_yaml)})
         summary = {"best": best.params, "best_trial": best.number, "val_acc": best.value,
                    "trials": {s.name.lower(): sum(t.state == s for t in trials) for s in
                               (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
@@ -169,14 +173,14 @@ class Sweep:
         """The task YAML of the chosen setting: the task's own config with the setting (and the sweep's fixed
         training values) written in, the method's rate override dropped (it would beat ``train.lr``)."""
         task = copy.deepcopy(task_config(self.run_args["spec"], self.config))
-        chosen = dict(params)
-        if "drop_path" in chosen:
-            task["drop_path"] = chosen.pop("drop_path")
+        chosen = {**{k: v for k, v in self.run_opts.items() if k in TASK_KEYS}, **params}
+        task.update({k: chosen.pop(k) for k in TASK_KEYS if k in chosen})
         task["train"] = {**(task.get("train") or {}), **self.train, **chosen}
         if "lr" in chosen:
             (task.get("method_lr") or {}).pop(self.run_args["method"], None)
-        task["sweep"] = {"searched": self.grid, "chosen_on": "val", "from": str(task_config_path(self.run_args["spec"],
-                                                                                                  self.config))}
+        task["sweep"] = {"searched": self.grid, "chosen_on": "val",
+                         "from": str(task_config_path(self.run_args["spec"], self.config)),
+                         "flags": {k: v for k, v in self.run_opts.items() if k not in TASK_KEYS}}  # pass these again
         import yaml
         path = self.out / "best.yaml"
         atomic_write(path, lambda f: f.write(yaml.safe_dump(task, sort_keys=False)), "w")

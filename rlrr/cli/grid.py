@@ -21,13 +21,10 @@ def cmd_bench(args) -> list:
 def cmd_sweep(args) -> dict:
     from ..sweep import Sweep, parse_grid
     method, opts, overrides = run_choice(args)
-    for flag in ("num_classes", "img_size", "aug", "skip_bad_images"):
-        if getattr(args, flag, None):
-            raise ValueError(f"rlrr sweep takes --{flag.replace('_', '-')} through the task YAML (--config); "
-                             "write it there")
+    run = {k: v for k in ("drop_path", "aug", "img_size", "num_classes", "skip_bad_images")
+           if (v := getattr(args, k)) is not None and v is not False}
     sweep = Sweep(Path(args.output), args.model, None if args.weights == "none" else args.weights, args.data,
-                  method, opts, parse_grid(args.grid), args.budget, args.config,
-                  **({"drop_path": args.drop_path} if args.drop_path is not None else {}), **overrides)
+                  method, opts, parse_grid(args.grid), args.budget, args.config, **run, **overrides)
     return sweep.run(launcher_of(args))
 
 
