@@ -36,8 +36,11 @@ def study_rows(name: str, depth: int = 0) -> list[Row]:
         return [Row(i, "rlrr", {"init": i}) for i in ("normal", "zero", "constant", "uniform")] + \
             [Row("official (RLRR)", "rlrr")]
     if name == "additive":
-        return [Row("w/o W (additive)", "rlrr", {"form": "additive"}), Row("w/ W (RLRR)", "rlrr"),
-                Row("LoRA r=16", "lora", {"rank": 16, "alpha": 16.0})]
+        # the official init adds a random rank-1 matrix several times W's size; the paper does not say how its
+        # "w/o W" started, so it also runs from W' = W (s_l = 0, as LoRA starts B = 0)
+        return [Row("w/o W (additive)", "rlrr", {"form": "additive"}),
+                Row("w/o W, s_l = 0 start", "rlrr", {"form": "additive", "init": "identity"}),
+                Row("w/ W (RLRR)", "rlrr"), Row("LoRA r=16", "lora", {"rank": 16, "alpha": 16.0})]
     if name == "rank":
         return [Row("full", "full"), Row("linear", "linear"), Row("RLRR r=1", "rlrr"),
                 Row("RLRR r=10", "rlrr", {"rank": 10})]
