@@ -395,16 +395,20 @@ def resolve(model: nn.Module, targets: str | None = None, norms: str | None = No
     return weights, norm_mods, found
 
 
-def block_index(found: Structure, name: str) -> int:
-    """Which block a module belongs to: the block holding it; outside every block, the first block called
-    after it (the stem's to block 0, a Swin patch merging to the next stage's first block), else the last
-    (the final norm)."""
-    inside = next((i for i, b in enumerate(found.blocks) if name.startswith(b + ".")), None)
-    if inside is not None:
-        return inside
+def block_index(found: Structure):
+    """``index(name)``: which block a module belongs to — the block holding it; outside every block, the
+    first block called after it (the stem's to block 0, a Swin patch merging to the next stage's first
+    block), else the last (the final norm).  The call order is indexed once for every name asked."""
     order = {n: i for i, n in enumerate(found.order)}
-    at = order.get(name, -1)
-    return next((i for i, b in enumerate(found.blocks) if order.get(b, -1) > at), len(found.blocks) - 1)
+    starts = [order.get(b, -1) for b in found.blocks]
+
+    def index(name: str) -> int:
+        inside = next((i for i, b in enumerate(found.blocks) if name.startswith(b + ".")), None)
+        if inside is not None:
+            return inside
+        at = order.get(name, -1)
+        return next((i for i, start in enumerate(starts) if start > at), len(found.blocks) - 1)
+    return index
 
 
 def block_choice(blocks: str | tuple[int, ...], count: int) -> set[int]:
@@ -439,9 +443,9 @@ def select(model: nn.Module, weights: list[tuple[str, nn.Module]], norms: list[t
         if not found.blocks:
             raise DiscoveryError(f"blocks= needs repeated blocks, and none were found in {type(model).__name__}; "
                                  "pick layers with targets=REGEX instead")
-        keep = block_choice(blocks, len(found.blocks))
-        weights = [(n, m) for n, m in weights if block_index(found, n) in keep]
-        norms = [(n, m) for n, m in norms if block_index(found, n) in keep]
+        keep, index = block_choice(blocks, len(found.blocks)), block_index(found)
+        weights = [(n, m) for n, m in weights if index(n) in keep]
+        norms = [(n, m) for n, m in norms if index(n) in keep]
     if not weights and not norms:
         raise DiscoveryError(f"sites={','.join(sites)} with blocks={blocks!r} leaves nothing to adapt in "
                              f"{type(model).__name__}")
