@@ -327,8 +327,8 @@ def _discover(model: nn.Module) -> Structure:
     head_ids = {id(m) for h in classifier_modules(model) for m in h.modules()}
     blocks = [b for b in find_blocks(model) if live(b)]
 
-    def within(n: str) -> str | None:
-        return next((b for b in blocks if n.startswith(b + ".")), None)
+    def within(n: str) -> bool:
+        return holding_block(blocks, n) is not None
 
     mods = [(n, m) for n, m in model.named_modules() if n and live(n) and id(m) not in head_ids]
     targets = [n for n, m in mods if is_weight_layer(m) and within(n)]
@@ -395,6 +395,11 @@ def resolve(model: nn.Module, targets: str | None = None, norms: str | None = No
     return weights, norm_mods, found
 
 
+def holding_block(blocks: tuple[str, ...] | list[str], name: str) -> int | None:
+    """Which of ``blocks`` (module names) holds the module ``name``; None outside every block."""
+    return next((i for i, b in enumerate(blocks) if name.startswith(b + ".")), None)
+
+
 def block_index(found: Structure):
     """``index(name)``: which block a module belongs to — the block holding it; outside every block, the
     first block called after it (the stem's to block 0, a Swin patch merging to the next stage's first
@@ -403,7 +408,7 @@ def block_index(found: Structure):
     starts = [order.get(b, -1) for b in found.blocks]
 
     def index(name: str) -> int:
-        inside = next((i for i, b in enumerate(found.blocks) if name.startswith(b + ".")), None)
+        inside = holding_block(found.blocks, name)
         if inside is not None:
             return inside
         at = order.get(name, -1)
@@ -431,7 +436,7 @@ def select(model: nn.Module, weights: list[tuple[str, nn.Module]], norms: list[t
     both = "attn" in sites and "mlp" in sites  # then layers of no role (and patch mergings) are kept too
     if ("attn" in sites) != ("mlp" in sites):  # a layer between blocks (patch merging) is neither: dropped
         blocks_found = discover(model).blocks
-        unknown = [n for n, _ in weights if role(n) not in SITE_OF_ROLE and any(n.startswith(b + ".") for b in blocks_found)]
+        unknown = [n for n, _ in weights if role(n) not in SITE_OF_ROLE and holding_block(blocks_found, n) is not None]
         if unknown:
             raise DiscoveryError(f"sites={','.join(sites)} needs to tell attention from MLP layers, but "
                                  f"{type(model).__name__}'s {unknown[0]} ({len(unknown)} such) is neither by name; "

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.discover import discover
+from ..backbones.discover import discover, holding_block
 from ..config import check_fields
 from .base import Composed, Method, cross_entropy, get_method, make_config, register
 
@@ -113,7 +113,7 @@ def apply_pace(model: nn.Module, cfg: PaceConfig, inner: Method) -> nn.Module:
     if quiet >= depth:
         raise ValueError(f"PACE quiet_blocks={quiet} leaves none of the model's {depth} blocks noisy; use fewer")
     for name, module in sites:
-        i = next((k for k, b in enumerate(blocks) if name.startswith(b + ".")), None)
+        i = holding_block(blocks, name)
         module.pace_sigma = 0.0 if i is None or i < quiet else cfg.sigma * (depth - i) / (depth - quiet)
         module.register_forward_hook(residual_noise(module.pace_sigma))
     for m in model.modules():
