@@ -25,7 +25,9 @@ TIMM = ["vit_base_patch16_224", "deit_base_distilled_patch16_224", "eva02_base_p
         # issue #19's round: norms without a shift, Affine, bare Sequential blocks, nested and branch norms, GRN
         "swinv2_tiny_window8_256", "aimv2_large_patch14_224", "caformer_s18", "convformer_s18", "resmlp_12_224",
         "convmixer_768_32", "efficientvit_m0", "mobileone_s0", "ghostnet_100", "repvit_m1", "shvit_s1",
-        "res2net50_14w_8s", "hgnetv2_b0", "convnextv2_tiny"]
+        "res2net50_14w_8s", "hgnetv2_b0", "convnextv2_tiny",
+        # register tokens (DINOv2 with registers); an MLP that also takes the feature size (PVTv2)
+        "vit_base_patch14_reg4_dinov2", "pvt_v2_b2"]
 
 
 def hf_models() -> dict[str, torch.nn.Module]:

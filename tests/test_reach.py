@@ -58,12 +58,15 @@ ARCHS = {
     "vit_tiny_patch16_224": (dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3), {"lora", "adapter", "vpt"}),
     "deit_tiny_distilled_patch16_224": (dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
                                         {"lora", "adapter", "vpt"}),
+    "vit_small_patch14_reg4_dinov2": (dict(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=3),
+                                      {"lora", "adapter", "vpt"}),  # register tokens, LayerScale
     "eva02_tiny_patch14_224": (dict(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=3), {"adapter"}),
     "beit_base_patch16_224": (dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3), {"adapter"}),
     "cait_xxs24_224": (dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3), {"lora", "adapter"}),
     "xcit_nano_12_p16_224": (dict(img_size=32, embed_dim=48, depth=2, num_heads=3), {"lora", "adapter"}),
     "convit_tiny": (dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3), {"lora", "adapter"}),
     "pit_ti_224": (dict(img_size=64), {"lora", "adapter"}),
+    "pvt_v2_b0": (dict(depths=(1, 1, 1, 1)), {"lora", "adapter"}),  # its MLP also takes the feature size
     "swin_tiny_patch4_window7_224": (dict(img_size=56, embed_dim=24, depths=(1, 1), num_heads=(1, 2)), {"lora", "adapter"}),
     "hiera_tiny_224": (dict(img_size=(64, 64)), {"lora", "adapter"}),
     "maxvit_rmlp_pico_rw_256": (dict(img_size=64), {"lora", "adapter"}),
@@ -98,8 +101,9 @@ def test_every_harness_method_applies_or_says_why(name):
     # the methods after RLRR: HTA and APLA need attention maps, peft's tuners nn.Linear layers (LeViT's
     # convolution-free attention has them), PACE goes wherever its inner method does
     later = {"rlrr+pace"} | ({"hta", "apla", "peft:lora"} if extra else set()) | \
+        ({"adapter+pace"} if "adapter" in extra else set()) | \
         ({"peft:lora"} if name == "levit_128s" else set())
-    for method in ("ssf", "bitfit", "lora", "adapter", "vpt", "hta", "apla", "rlrr+pace", "peft:lora"):
+    for method in ("ssf", "bitfit", "lora", "adapter", "vpt", "hta", "apla", "rlrr+pace", "adapter+pace", "peft:lora"):
         if method.startswith("peft:"):
             pytest.importorskip("peft")
         model, x = build(name)
@@ -109,7 +113,7 @@ def test_every_harness_method_applies_or_says_why(name):
         one_step(model, x)
         with torch.no_grad():
             ref = model(x)
-            if method not in ("adapter", "vpt"):
+            if method.split("+")[0] not in ("adapter", "vpt"):  # the two that do not merge
                 assert rel(rlrr.merge(model)(x), ref) <= 1e-5
 
 

@@ -18,7 +18,8 @@ from .base import Method, freeze, register, replace
 
 
 class ParallelAdapter(nn.Module):
-    """Takes over a block's ``norm2`` + ``mlp``: ``mlp(norm2(x)) + s·up(relu(down(x)))``."""
+    """Takes over a block's ``norm2`` + ``mlp``: ``mlp(norm2(x)) + s·up(relu(down(x)))``.  Arguments after
+    ``x`` go to the wrapped MLP (PVTv2's depthwise-conv MLP also takes the feature map's size)."""
 
     adapter_params = ("down.weight", "down.bias", "up.weight", "up.bias")
 
@@ -35,11 +36,11 @@ class ParallelAdapter(nn.Module):
 
     channel_dim = -1
 
-    def frozen(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm(x))
+    def frozen(self, x: torch.Tensor, *rest) -> torch.Tensor:
+        return self.mlp(self.norm(x), *rest)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.frozen(x) + self.scale * self.up(torch.relu(self.down(x)))
+    def forward(self, x: torch.Tensor, *rest) -> torch.Tensor:
+        return self.frozen(x, *rest) + self.scale * self.up(torch.relu(self.down(x)))
 
 
 @dataclass

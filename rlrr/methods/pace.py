@@ -80,7 +80,7 @@ def residual_noise(sigma: float):
         if not module.training or sigma == 0:
             return None
         with torch.no_grad():
-            base = module.frozen(args[0])
+            base = module.frozen(*args)  # the call's own arguments (an MLP may take more than x)
             shape = [out.shape[0]] + [1] * (out.ndim - 1)
             dim = module.channel_dim if out.ndim > 2 else -1
             shape[dim] = out.shape[dim]
