@@ -1,7 +1,7 @@
 """Dataset layouts (VTAB-1k lists, FGVC json, ImageFolder, CSV, offline sets) and bad input."""
 import pytest
 import torch
-from fixtures import make_fgvc, make_folder, make_vtab
+from fixtures import digit_images, make_fgvc, make_folder, make_vtab
 
 from rlrr.data import DataError, build_data
 from rlrr.data.offline import offline_splits
@@ -38,6 +38,49 @@ def test_folder_and_csv(tmp_path):
     (root / "labels.csv").write_text("\n".join(rows))
     c = build_data(f"csv:{root / 'labels.csv'}", CFG, seed=0)
     assert len(c.train) + len(c.val) + len(c.test) == 30
+
+
+def make_splits(root, counts: dict[str, dict[str, int]]):
+    """``root/<split>/<class>/<i>.png`` with the given number of images per split and class."""
+    for split, per_class in counts.items():
+        imgs, _ = digit_images(sum(per_class.values()), seed=len(split))
+        for cls, n in per_class.items():
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                imgs.pop().save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_split_folders_are_splits_not_classes(tmp_path):
+    root = make_splits(tmp_path / "d", {"train": {"cat": 6, "dog": 5, "emu": 4}, "Val": {"cat": 2, "dog": 2},
+                                        "test": {"dog": 3, "emu": 1, "cat": 2}})
+    s = build_data(f"folder:{root}", CFG, seed=0)
+    assert s.num_classes == 3 and s.class_names == ["cat", "dog", "emu"]  # not ["Val", "test", "train"]
+    assert (len(s.train), len(s.val), len(s.trainval), len(s.test)) == (15, 4, 19, 6)
+    for split, ds in (("train", s.train), ("Val", s.val), ("test", s.test)):  # each image from its own folder
+        assert all(p.parent.parent.name == split and s.class_names[y] == p.parent.name for p, y in ds.items)
+
+
+def test_missing_split_folders_are_held_out_of_train_and_said(tmp_path, caplog):
+    root = make_splits(tmp_path / "d", {"train": {"a": 10, "b": 10}, "test": {"a": 3, "b": 3}})
+    s = build_data(f"folder:{root}", CFG, seed=1)
+    assert (len(s.train), len(s.val), len(s.test)) == (16, 4, 6)
+    assert not {p for p, _ in s.train.items} & {p for p, _ in s.val.items}
+    assert all(p.parent.parent.name == "train" for p, _ in s.val.items)
+    assert "no val/ folder; held out 20% of train/ as val (seed 1)" in caplog.text
+    only = make_splits(tmp_path / "e", {"training": {"a": 10, "b": 10}})
+    s = build_data(f"folder:{only}", CFG, seed=0)
+    assert (len(s.train), len(s.val), len(s.test), s.num_classes) == (12, 4, 4, 2)
+    assert "held out 20% of training/ as val and 20% as test" in caplog.text
+
+
+def test_split_folders_that_do_not_fit_are_one_line(tmp_path):
+    root = make_splits(tmp_path / "d", {"train": {"a": 4}, "val": {"a": 2, "zebra": 2}})
+    with pytest.raises(DataError, match="class 'zebra' has no folder in .*train; every class needs training"):
+        build_data(f"folder:{root}", CFG)
+    (root / "val" / "zebra").rename(root / "stray")
+    with pytest.raises(DataError, match="mixes split folders \\(train, val\\) with 'stray'"):
+        build_data(f"folder:{root}", CFG)
 
 
 def test_offline_splits_are_disjoint_and_real():

@@ -43,6 +43,46 @@ def _holdout(items: list, seed: int, val_frac: float = 0.2, test_frac: float = 0
     return {"train": train, "val": val, "trainval": train + val, "test": test}
 
 
+SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"), "test": ("test", "testing")}
+
+
+def folder_items(root: Path, seed: int) -> tuple[dict[str, list], list[str]]:
+    """``folder:DIR`` splits.  Class folders straight in DIR: a seeded 60/20/20 split.  Split folders
+    (``train/`` and any of ``val/``, ``test/``, each an ImageFolder; the layout most datasets ship in): used as
+    given, with class ids from ``train/``'s folder names and whichever of val/test is missing held out of
+    train (20%, seeded, said in a warning); reading the splits as three classes would train nonsense silently."""
+    subs = {d.name.lower(): d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")} \
+        if root.is_dir() else {}
+    dirs = {split: next(subs[a] for a in aliases if a in subs) for split, aliases in SPLIT_FOLDERS.items()
+            if any(a in subs for a in aliases)}
+    if "train" not in dirs:
+        all_items, names = image_folder(root)
+        return _holdout(all_items, seed), names
+    aliases = {a for names in SPLIT_FOLDERS.values() for a in names}
+    others = sorted(d.name for name, d in subs.items() if name not in aliases)
+    if others:
+        raise DataError(f"folder {root} mixes split folders ({', '.join(d.name for d in dirs.values())}) with "
+                        f"{others[0]!r}; put the class folders inside the split folders, or only class folders in {root}")
+    given, names = {}, None
+    for split, folder in dirs.items():
+        items, classes = image_folder(folder)
+        if names is None:
+            names = classes
+        unknown = [c for c in classes if c not in names]
+        if unknown:
+            raise DataError(f"{folder / unknown[0]}: class {unknown[0]!r} has no folder in {dirs['train']}; every "
+                            "class needs training images: add them or remove the folder")
+        given[split] = [(p, names.index(classes[i])) for p, i in items]
+    missing = [s for s in ("val", "test") if s not in given]
+    if missing:
+        log.warning("folder %s: no %s folder; held out 20%% of %s/ as %s (seed %d)", root, " or ".join(
+            f"{s}/" for s in missing), dirs["train"].name, " and 20% as ".join(missing), seed)
+    carved = _holdout(given["train"], seed, *(0.2 if s in missing else 0.0 for s in ("val", "test")))
+    splits = {**carved, **{s: given[s] for s in ("val", "test") if s in given}}
+    splits["trainval"] = splits["train"] + splits["val"]
+    return splits, names
+
+
 def check_class_count(spec: str, n: int, asked: int | None, inferred: bool) -> None:
     """``--num-classes`` must match a dataset that knows its classes; where the count is only inferred from
     the largest label seen (CSV, a VTAB-layout folder of another name) it may add classes, never drop them."""
@@ -89,13 +129,12 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
         elif kind == "fgvc":
             items, n = fgvc_items(path)
             aug = kind_aug or "fgvc"
-        elif kind in ("folder", "csv"):
-            if kind == "folder":
-                all_items, names = image_folder(path)
-                n = len(names)
-            else:
-                all_items = csv_list(path)
-                n = max(label for _, label in all_items) + 1 if all_items else 0
+        elif kind == "folder":
+            (items, names), aug = folder_items(path, seed), kind_aug or "fgvc"
+            n = len(names)
+        elif kind == "csv":
+            all_items = csv_list(path)
+            n = max(label for _, label in all_items) + 1 if all_items else 0
             items, aug = _holdout(all_items, seed), kind_aug or "fgvc"
         else:
             raise DataError(f"unknown data kind {kind!r}; use vtab1k, fgvc, folder, csv or offline")
