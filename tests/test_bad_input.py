@@ -193,6 +193,27 @@ def test_predict_header_has_the_columns_it_writes(trained, task, tmp_path):
     assert len(rows[0]) == 21 and {len(r) for r in rows} == {21}
 
 
+def test_predict_takes_files_and_folders_and_can_skip_bad_images(trained, task, tmp_path, capsys):
+    images = sorted((task / "images").iterdir())
+    hidden = task / "images" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    (hidden / "0000-checkpoint.png").write_bytes(images[0].read_bytes())
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    out, adapter = tmp_path / "p.csv", ("--adapter", str(trained / "adapter.safetensors"))
+    assert main(["predict", *infer(*adapter), "--images", str(images[1]), str(task / "images"), "--output", str(out)]) == 0
+    paths = [r[0] for r in list(csv.reader(out.open()))[1:]]
+    assert paths == [str(images[1])] + [str(p) for p in images]  # files as given, folders searched, hidden left out
+    assert main(["predict", *infer(*adapter), "--images", str(tmp_path / "nope.jpg"), "--output", str(out)]) == 2
+    assert "--images " + str(tmp_path / "nope.jpg") + ": no such image file or folder" in err_line(capsys)
+    assert main(["predict", *infer(*adapter), "--images", str(bad), str(images[2]), "--output", str(out)]) == 2
+    assert f"image {bad} is unreadable" in err_line(capsys)
+    assert main(["predict", *infer(*adapter), "--images", str(bad), str(images[2]), "--output", str(out),
+                 "--skip-bad-images"]) == 0
+    assert [r[0] for r in list(csv.reader(out.open()))[1:]] == [str(images[2])]
+    assert f"skipped 1 unreadable image(s), first {bad}" in capsys.readouterr().out
+
+
 def test_class_names_travel_from_folder_names_to_predictions(tmp_path):
     root = make_folder(tmp_path / "f", n=40)
     out = tmp_path / "run"

@@ -29,9 +29,8 @@ def cmd_eval(args) -> dict:
 
 def cmd_predict(args) -> None:
     import torch
-    from torchvision.datasets.folder import IMG_EXTENSIONS
     from ..backbones import logits_of
-    from ..data.images import open_rgb
+    from ..data.images import DataError, open_rgb
     from ..data.transforms import eval_transform
     from ..files import atomic_write
     from ..adapter import class_names, read_adapter
@@ -41,22 +40,48 @@ def cmd_predict(args) -> None:
     n = num_classes_of(model)
     topk, names = min(args.topk, n), class_names(read_adapter(args.adapter)[1], n) if args.adapter else [str(i) for i in range(n)]
     tf = eval_transform(data_config(model), "none")
-    root = Path(args.images)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} not found")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f"no images under {root}")
+    files, skipped = image_files(args.images), []
+
+    def read(path: Path):
+        try:
+            return tf(open_rgb(path))
+        except DataError:
+            if not args.skip_bad_images:
+                raise
+            skipped.append(path)
     rows = [["path"] + [c for k in range(topk) for c in (f"class_{k + 1}", f"prob_{k + 1}")]]
     with torch.no_grad():
         for i in range(0, len(files), args.batch_size):
-            chunk = files[i:i + args.batch_size]
-            probs = logits_of(model(torch.stack([tf(open_rgb(p)) for p in chunk]))).softmax(-1)
+            chunk = [(x, name) for x, name in ((read(p), name) for p, name in files[i:i + args.batch_size])
+                     if x is not None]
+            if not chunk:
+                continue
+            probs = logits_of(model(torch.stack([x for x, _ in chunk]))).softmax(-1)
             top = probs.topk(topk, dim=-1)
-            for p, v, k in zip(chunk, top.values, top.indices):
-                rows.append([str(p.relative_to(root))] + [x for kk, vv in zip(k, v) for x in (names[kk], f"{vv:.4f}")])
+            for (_, name), v, k in zip(chunk, top.values, top.indices):
+                rows.append([name] + [x for kk, vv in zip(k, v) for x in (names[kk], f"{vv:.4f}")])
     atomic_write(out, lambda f: csv.writer(f).writerows(rows), "w")  # a failed run leaves an old CSV intact
-    print(f"wrote {len(files)} predictions to {args.output}")
+    print(f"wrote {len(rows) - 1} predictions to {args.output}" +
+          (f"; skipped {len(skipped)} unreadable image(s), first {skipped[0]}" if skipped else ""))
+
+
+def image_files(paths: list[str]) -> list[tuple[Path, str]]:
+    """``--images``: image files and folders (searched recursively) as (file, name in the CSV); the name is
+    relative to the folder when one folder is given, else the path as reached from the command line."""
+    from ..data.images import images_under
+    one_folder = len(paths) == 1 and Path(paths[0]).is_dir()
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = images_under(path)
+            if not found:
+                raise FileNotFoundError(f"--images {path}: no image files in this folder or below")
+            files += [(f, str(f.relative_to(path) if one_folder else f)) for f in found]
+        elif path.is_file():
+            files.append((path, str(path)))
+        else:
+            raise FileNotFoundError(f"--images {path}: no such image file or folder")
+    return files
 
 
 def cmd_merge(args) -> Path:
@@ -163,12 +188,13 @@ def add_commands(sub) -> None:
     p.add_argument("--skip-bad-images", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="folder of images -> CSV of top-k classes")
+    p = sub.add_parser("predict", help="images (files or folders) -> CSV of top-k classes")
     add_model_args(p)
-    p.add_argument("--images", required=True)
+    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--output", default="predictions.csv", type=path_arg)
     p.add_argument("--topk", type=at_least(1), default=5)
     p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (counted)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("merge", help="backbone + adapter -> plain timm safetensors")

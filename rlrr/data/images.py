@@ -127,16 +127,22 @@ def inside(root: Path, relative: str, where: str) -> Path:
     return path
 
 
+def images_under(folder: Path) -> list[Path]:
+    """Image files anywhere under ``folder`` (torchvision's extensions, any case), sorted; hidden files and
+    folders (``.ipynb_checkpoints``, ``._x.jpg``) left out."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    return [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMG_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+
+
 def image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     """torchvision ImageFolder layout: one sub-folder per class, sorted names = class ids."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
     if not root.is_dir():
         raise DataError(f"folder {root} not found; --data folder:DIR needs one sub-folder per class")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))  # .ipynb_checkpoints
     if not classes:
         raise DataError(f"folder {root} has no class sub-folders; put images in DIR/<class>/...")
-    per_class = [[p for p in sorted((root / c).rglob("*")) if p.suffix.lower() in IMG_EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts)] for c in classes]
+    per_class = [images_under(root / c) for c in classes]
     empty = [c for c, found in zip(classes, per_class) if not found]
     if empty:
         raise DataError(f"folder {root}: class folder(s) {', '.join(empty[:3])} hold no images; every class needs "
