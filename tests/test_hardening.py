@@ -134,6 +134,27 @@ def test_bad_weights_checkpoint_and_config_files_are_one_line(task, tmp_path, ca
     assert "not a readable rlrr checkpoint" in err_line(capsys)
 
 
+def test_weights_may_be_a_downloaded_hub_folder(task, tmp_path, capsys):
+    from safetensors.torch import save_file
+    torch.manual_seed(3)
+    src = rlrr.create_backbone("vit_pico_patch4_32", weights=None)
+    repo = tmp_path / "vit_pico"  # what `huggingface-cli download timm/<name> --local-dir DIR` leaves
+    repo.mkdir()
+    save_file(src.state_dict(), str(repo / "model.safetensors"))
+    (repo / "config.json").write_text('{"architecture": "vit_pico_patch4_32"}')
+    loaded = rlrr.create_backbone("vit_pico_patch4_32", weights=repo)
+    assert rlrr.backbones.fingerprint(loaded) == rlrr.backbones.fingerprint(src)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "vit_pico_patch4_32", "--weights", str(repo), "--data", f"vtab1k:{task}",
+                 "--epochs", "1", "--output", str(run), "--no-progress"]) == 0
+    infer = ["--model", "vit_pico_patch4_32", "--weights", str(repo), "--adapter", str(run / "adapter.safetensors")]
+    assert main(["merge", *infer, "--output", str(repo / "model.safetensors")]) == 2  # the folder's file is an input
+    assert "is an input of this command" in err_line(capsys)
+    (repo / "model.safetensors").unlink()
+    assert main(["eval", *infer, "--data", f"vtab1k:{task}"]) == 2
+    assert "holds none of model.safetensors, pytorch_model.bin" in err_line(capsys)
+
+
 def test_unexpected_errors_are_one_line_with_the_debug_hint(monkeypatch, capsys):
     def broken(args):
         return 1 / 0

@@ -78,6 +78,22 @@ def vit_pico_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
 
 
 # --- weights ----------------------------------------------------------------------------------
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def weights_file(path: str | Path) -> Path:
+    """``path`` itself, or for a folder (a Hugging Face repo downloaded with ``huggingface-cli download
+    timm/<name> --local-dir DIR``) the weights file in it, by the names the Hub repos use."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return path
+    found = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+    if found is None:
+        raise BackboneError(f"weights folder {path} holds none of {', '.join(WEIGHT_FILES)}; pass the weights file "
+                            "itself (.safetensors, .pth or .npz)")
+    return found
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file or a pickle-free torch checkpoint (``weights_only=True``)."""
     path = Path(path)
@@ -156,7 +172,8 @@ def load_weights(model: torch.nn.Module, path: str | Path, sd: dict[str, torch.T
     """
     path = Path(path)
     if not path.is_file():
-        raise BackboneError(f"weights file {path} not found; pass an existing .safetensors, .pth or .npz path")
+        raise BackboneError(f"weights file {path} not found; pass an existing .safetensors, .pth or .npz path "
+                            "(or a folder holding model.safetensors)")
     if path.suffix == ".npz":
         if not isinstance(model, VisionTransformer):
             raise BackboneError(f"{path}: .npz checkpoints are Google's ViT format; use a ViT model or a .safetensors file")
@@ -204,6 +221,7 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
     try:
         if str(weights).lower() != "pretrained":
             local = weights is not None and str(weights).lower() != "none"
+            weights = weights_file(weights) if local else weights
             sd = read_state_dict(weights) if local and Path(weights).suffix != ".npz" and Path(weights).is_file() else None
             model = timm.create_model(name, pretrained=False, **kwargs)
             if sd is not None and "global_pool" not in kwargs and pooled_by_average(model, sd):

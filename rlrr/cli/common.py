@@ -38,11 +38,11 @@ def adapted_model(args):
     when it was trained at another --img-size and none is given."""
     from ..adapter import load_adapter, read_adapter
     from ..backbones import checkpoint_num_classes, read_state_dict
-    meta = {}
+    meta, weights = {}, local_weights(args)
     if args.adapter:
         tensors, meta = read_adapter(args.adapter)
-    elif args.weights not in ("none", "pretrained") and Path(args.weights).suffix != ".npz" and Path(args.weights).is_file():
-        tensors = read_state_dict(args.weights)
+    elif weights and weights.suffix != ".npz" and weights.is_file():
+        tensors = read_state_dict(weights)
     else:
         tensors = {}
     model = backbone(args, checkpoint_num_classes(args.model, tensors))
@@ -55,11 +55,19 @@ def adapted_model(args):
     return model.eval()
 
 
+def local_weights(args) -> Path | None:
+    """The weights file ``--weights`` names (a folder: the weights file in it); None for pretrained / none
+    and for hf: models (which load their own and refuse --weights)."""
+    from ..backbones import weights_file
+    local = args.weights not in ("none", "pretrained") and not args.model.startswith("hf:")
+    return weights_file(args.weights) if local else None
+
+
 def not_an_input(out: Path, args) -> Path:
     """Refuse an --output that is one of the command's inputs (weights, adapter, HF source folder):
     writing there would destroy the thing being read."""
-    inputs = [getattr(args, "adapter", None), args.weights, args.model.removeprefix("hf:") if args.model.startswith("hf:")
-              else None]
+    inputs = [getattr(args, "adapter", None), local_weights(args),
+              args.model.removeprefix("hf:") if args.model.startswith("hf:") else None]
     for given in filter(None, inputs):
         if Path(given).exists() and out.exists() and out.resolve() == Path(given).resolve():
             raise ValueError(f"--output {out} is an input of this command ({given}); write to another path")
@@ -112,7 +120,8 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     p.add_argument("--model", default="vit_pico_patch4_32",
                    help="timm architecture name, or hf:<hub id or local folder> (pip install 'rlrr[hf]')")
     p.add_argument("--weights", default="pretrained",
-                   help="local .safetensors/.pth/.npz, 'pretrained' (timm/HF cache) or 'none' (random, tests only)")
+                   help="local .safetensors/.pth/.npz (or a downloaded Hub folder holding one), 'pretrained' "
+                        "(timm/HF cache) or 'none' (random, tests only)")
     p.add_argument("--img-size", type=at_least(1), default=None, help="override the input resolution")
     if adapter:
         p.add_argument("--adapter", default=None, help="adapter .safetensors written by rlrr train")
