@@ -286,7 +286,8 @@ def test_a_byte_order_mark_is_not_part_of_the_first_path(task):
     assert splits.train.items[0][0].name == "0000.png" and splits.train.items[0][0].is_file()
 
 
-@pytest.mark.parametrize("row,want", [("a.png,cat", ":2: label 'cat' is not a class id"),
+@pytest.mark.parametrize("row,want", [("a.png,3\nb.png,cat", ":3: label 'cat' is a class name but line 2 has the "
+                                                              "class id '3'; use ids (0, 1, ...) or names, not both"),
                                       ("a.png,", ":2: label '' is not a class id"),
                                       ("3,a.png", ":2: ['3', 'a.png'] looks like 'label,path'")])
 def test_bad_csv_rows_name_the_line(tmp_path, row, want):

@@ -40,6 +40,18 @@ def test_folder_and_csv(tmp_path):
     assert len(c.train) + len(c.val) + len(c.test) == 30
 
 
+def test_csv_labels_may_be_class_names(tmp_path):
+    root = make_folder(tmp_path / "f")
+    ids = build_data(f"folder:{root}", CFG, seed=0)
+    items = ids.trainval.items + ids.test.items
+    named = [f"{p.relative_to(root)},{ids.class_names[y]}" for p, y in items]
+    for header in (["image,class"], []):  # a header row is optional with names too
+        (root / "named.csv").write_text("\n".join(header + named))
+        s = build_data(f"csv:{root / 'named.csv'}", CFG, seed=0)
+        assert s.class_names == ids.class_names and s.num_classes == ids.num_classes
+        assert sorted(s.trainval.items + s.test.items) == sorted(items)  # same class id for every image
+
+
 def make_splits(root, counts: dict[str, dict[str, int]]):
     """``root/<split>/<class>/<i>.png`` with the given number of images per split and class."""
     for split, per_class in counts.items():

@@ -117,7 +117,7 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
                         "csv:FILE or offline:TASK")
     size = data_cfg["input_size"][-1]
     names = None
-    inferred = kind == "csv" or (kind == "vtab1k" and Path(where).name not in VTAB)  # from the labels seen
+    inferred = kind == "vtab1k" and Path(where).name not in VTAB  # counted from the labels seen (CSV ids: below)
     if kind == "offline":
         parts = offline_splits(where, size, data_cfg["mean"], data_cfg["std"], seed=seed)
         n = parts["train"].num_classes
@@ -133,8 +133,9 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
             (items, names), aug = folder_items(path, seed), kind_aug or "fgvc"
             n = len(names)
         elif kind == "csv":
-            all_items = csv_list(path)
-            n = max(label for _, label in all_items) + 1 if all_items else 0
+            all_items, names = csv_list(path)
+            inferred = names is None
+            n = len(names) if names else max((label for _, label in all_items), default=-1) + 1
             items, aug = _holdout(all_items, seed), kind_aug or "fgvc"
         else:
             raise DataError(f"unknown data kind {kind!r}; use vtab1k, fgvc, folder, csv or offline")

@@ -150,19 +150,37 @@ def image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return [(p, i) for i, found in enumerate(per_class) for p in found], classes
 
 
-def csv_list(csv_file: Path) -> list[tuple[Path, int]]:
-    """A CSV with ``path,label`` rows (header optional), paths relative to the CSV's folder."""
+def csv_list(csv_file: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
+    """A CSV of ``path,label`` rows, paths relative to the CSV's folder; labels are class ids (whole numbers)
+    or class names (ids by sorted name, as folder names are; the names are returned), never a mix.  A first
+    row whose label is no number and whose path is no image file is a header (``path,label``, ``image,class``)."""
     import csv
+    from torchvision.datasets.folder import IMG_EXTENSIONS
     if not csv_file.is_file():
         raise DataError(f"CSV file {csv_file} not found")
-    items = []
+    rows = []
     with open(csv_file, newline="", encoding="utf-8-sig") as f:
         for n, row in enumerate(csv.reader(f), 1):
-            if not row or (n == 1 and not row[-1].strip().lstrip("-").isdigit()):
-                continue  # blank line or header
+            if not row:
+                continue  # blank line
             if len(row) < 2:
                 raise DataError(f"{csv_file}:{n}: expected 'path,label', got {row!r}")
-            if row[0].strip().isdigit() and not row[1].strip().isdigit():
+            path, label = row[0].strip(), row[1].strip()
+            if n == 1 and not label.lstrip("-").isdigit() and Path(path).suffix.lower() not in IMG_EXTENSIONS \
+                    and not (csv_file.parent / path).is_file():
+                continue  # header
+            if path.isdigit() and not label.isdigit():
                 raise DataError(f"{csv_file}:{n}: {row[:2]!r} looks like 'label,path'; the columns are 'path,label'")
-            items.append((csv_file.parent / row[0].strip(), parse_label(row[1], f"{csv_file}:{n}")))
-    return items
+            if not label:
+                raise DataError(f"{csv_file}:{n}: label '' is not a class id or a class name; every row needs its class")
+            rows.append((n, csv_file.parent / path, label))
+    ids = [r for r in rows if r[2].lstrip("-").isdigit()]
+    if len(ids) == len(rows):
+        return [(path, parse_label(label, f"{csv_file}:{n}")) for n, path, label in rows], None
+    if ids:
+        n, _, label = next(r for r in rows if r not in ids)
+        raise DataError(f"{csv_file}:{n}: label {label!r} is a class name but line {ids[0][0]} has the class id "
+                        f"{ids[0][2]!r}; use ids (0, 1, ...) or names, not both")
+    names = sorted({label for _, _, label in rows})
+    index = {name: i for i, name in enumerate(names)}
+    return [(path, index[label]) for _, path, label in rows], names
