@@ -64,15 +64,15 @@ def folder_items(root: Path, seed: int) -> tuple[dict[str, list], list[str]]:
         raise DataError(f"folder {root} mixes split folders ({', '.join(d.name for d in dirs.values())}) with "
                         f"{others[0]!r}; put the class folders inside the split folders, or only class folders in {root}")
     given, names = {}, None
-    for split, folder in dirs.items():
+    for split, folder in dirs.items():  # train first: its folders name the classes
         items, classes = image_folder(folder)
-        if names is None:
-            names = classes
-        unknown = [c for c in classes if c not in names]
+        names = names or classes
+        index = {c: i for i, c in enumerate(names)}
+        unknown = [c for c in classes if c not in index]
         if unknown:
             raise DataError(f"{folder / unknown[0]}: class {unknown[0]!r} has no folder in {dirs['train']}; every "
                             "class needs training images: add them or remove the folder")
-        given[split] = [(p, names.index(classes[i])) for p, i in items]
+        given[split] = [(p, index[classes[i]]) for p, i in items]
     missing = [s for s in ("val", "test") if s not in given]
     if missing:
         log.warning("folder %s: no %s folder; held out 20%% of %s/ as %s (seed %d)", root, " or ".join(

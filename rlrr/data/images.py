@@ -158,7 +158,7 @@ def csv_list(csv_file: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
     from torchvision.datasets.folder import IMG_EXTENSIONS
     if not csv_file.is_file():
         raise DataError(f"CSV file {csv_file} not found")
-    rows = []
+    rows, is_id = [], lambda label: label.lstrip("-").isdigit()  # "-1": an id, refused by parse_label below
     with open(csv_file, newline="", encoding="utf-8-sig") as f:
         for n, row in enumerate(csv.reader(f), 1):
             if not row:
@@ -166,7 +166,7 @@ def csv_list(csv_file: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
             if len(row) < 2:
                 raise DataError(f"{csv_file}:{n}: expected 'path,label', got {row!r}")
             path, label = row[0].strip(), row[1].strip()
-            if n == 1 and not label.lstrip("-").isdigit() and Path(path).suffix.lower() not in IMG_EXTENSIONS \
+            if n == 1 and not is_id(label) and Path(path).suffix.lower() not in IMG_EXTENSIONS \
                     and not (csv_file.parent / path).is_file():
                 continue  # header
             if path.isdigit() and not label.isdigit():
@@ -174,11 +174,11 @@ def csv_list(csv_file: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
             if not label:
                 raise DataError(f"{csv_file}:{n}: label '' is not a class id or a class name; every row needs its class")
             rows.append((n, csv_file.parent / path, label))
-    ids = [r for r in rows if r[2].lstrip("-").isdigit()]
+    ids = [r for r in rows if is_id(r[2])]
     if len(ids) == len(rows):
         return [(path, parse_label(label, f"{csv_file}:{n}")) for n, path, label in rows], None
     if ids:
-        n, _, label = next(r for r in rows if r not in ids)
+        n, _, label = next(r for r in rows if not is_id(r[2]))
         raise DataError(f"{csv_file}:{n}: label {label!r} is a class name but line {ids[0][0]} has the class id "
                         f"{ids[0][2]!r}; use ids (0, 1, ...) or names, not both")
     names = sorted({label for _, _, label in rows})
