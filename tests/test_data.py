@@ -52,6 +52,16 @@ def test_csv_labels_may_be_class_names(tmp_path):
         assert sorted(s.trainval.items + s.test.items) == sorted(items)  # same class id for every image
 
 
+def test_one_class_is_refused_naming_the_fix(tmp_path):
+    root = make_splits(tmp_path / "d", {"pets": {"cat": 10}})  # --data one folder too high
+    with pytest.raises(DataError, match="one class \\(pets\\); a classifier needs two or more: point --data at"):
+        build_data(f"folder:{root}", CFG)
+    (root / "l.csv").write_text("\n".join(f"pets/cat/{i}.png,0" for i in range(10)))
+    with pytest.raises(DataError, match="one class \\(label 0\\); .* check the labels"):
+        build_data(f"csv:{root / 'l.csv'}", CFG)
+    assert build_data(f"csv:{root / 'l.csv'}", CFG, num_classes=3).num_classes == 3  # ids may name more classes
+
+
 def make_splits(root, counts: dict[str, dict[str, int]]):
     """``root/<split>/<class>/<i>.png`` with the given number of images per split and class."""
     for split, per_class in counts.items():

@@ -141,6 +141,10 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
             raise DataError(f"unknown data kind {kind!r}; use vtab1k, fgvc, folder, csv or offline")
         check_class_count(spec, n, num_classes, inferred)
         n = num_classes or n
+        if n < 2:  # 100% of one class measures nothing: usually --data points one folder too deep or too high
+            fix = "point --data at the folder holding one sub-folder per class" if kind == "folder" else "check the labels"
+            raise DataError(f"{spec}: the data has one class ({names[0] if names else 'label 0'}); a classifier needs "
+                            f"two or more: {fix}")
         warn_repeats(spec, items)
         tf = {"train": train_transform(data_cfg, aug), "eval": eval_transform(data_cfg, aug)}
         parts = {s: ImageList(v, n, tf["train" if s in ("train", "trainval") else "eval"], skip_bad, f"{path.name}/{s}")
