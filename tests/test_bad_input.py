@@ -106,6 +106,7 @@ def test_a_bad_value_in_a_config_names_the_key_and_the_file(task, tmp_path, caps
     (["--pace", "sigma=1e30"], "PACE sigma must be in [0, 10]"),
     (["--method", "peft:lora", "--method-opt", "r=abc"], "peft lora option: r must be an integer, not 'abc'"),
     (["--output", ""], "--output: must not be empty"),
+    (["--model", "convnext-tiny", "--weights", "pretrained"], "unknown model 'convnext-tiny'; did you mean convnext_tiny"),
 ])
 def test_option_errors_name_the_flag_and_the_fix(task, tmp_path, capsys, flags, want):
     if "peft" in " ".join(flags):

@@ -214,6 +214,11 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
     """
     if name.startswith(PREFIX):
         return create_hf(name[len(PREFIX):], weights, num_classes, **kwargs)
+    if not timm.is_model(name):  # before the pretrained path, which would blame the network
+        import difflib
+        close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+        raise BackboneError(f"unknown model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "") +
+                            " (timm.list_models('*part*') lists timm's names; hf:<hub id> for transformers)")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if str(weights).lower() == "pretrained" and name == EMBEDDED_NAME:
