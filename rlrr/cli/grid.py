@@ -19,10 +19,10 @@ def cmd_bench(args) -> list:
 
 
 def cmd_sweep(args) -> dict:
+    from ..bench import RUN_OPTIONS
     from ..sweep import Sweep, parse_grid
     method, opts, overrides = run_choice(args)
-    run = {k: v for k in ("drop_path", "aug", "img_size", "num_classes", "skip_bad_images")
-           if (v := getattr(args, k)) is not None and v is not False}
+    run = {k: v for k in RUN_OPTIONS if (v := getattr(args, k)) is not None and v is not False}
     sweep = Sweep(Path(args.output), args.model, None if args.weights == "none" else args.weights, args.data,
                   method, opts, parse_grid(args.grid), args.budget, args.config, **run, **overrides)
     return sweep.run(launcher_of(args))
