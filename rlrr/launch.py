@@ -3,8 +3,10 @@
 A cell (a bench or study cell, a sweep worker) is a call ``fn(**kwargs)`` that writes its own folder and
 resumes from it, so a launcher only decides *where* each call runs; the caller reads the results back
 from the folders afterwards, and a crashed or pre-empted cell is simply run again by rerunning the
-command.  Slurm jobs go through submitit (the launcher vision research codebases use); its ``local``
-executor runs the same path without a cluster (the tests do).
+command.  Slurm jobs go through submitit (the launcher vision research codebases use); where there is
+no Slurm, ``slurm`` is one line saying so, never a silent local run (submitit's own fallback).  Its
+``local`` executor runs the same path without a cluster only when asked for (``cluster="local"``: the
+tests do).
 """
 from __future__ import annotations
 
@@ -84,7 +86,11 @@ def _submitit(calls: list[Call], launcher: Launcher, logs: Path) -> list[tuple[s
         import submitit
     except ImportError:
         raise RuntimeError("--launcher slurm needs submitit; pip install 'rlrr[cluster]'") from None
-    executor = submitit.AutoExecutor(folder=logs, cluster=launcher.cluster)
+    cluster = launcher.cluster or "slurm"  # never AutoExecutor's guess: it runs the jobs here when Slurm is absent
+    if cluster == "slurm" and submitit.SlurmExecutor.affinity() <= 0:
+        raise RuntimeError("--launcher slurm: there is no Slurm here (no srun on PATH); run the command on a "
+                           "Slurm login node, or pass --launcher local to run the cells on this machine")
+    executor = submitit.AutoExecutor(folder=logs, cluster=cluster)
     executor.update_parameters(name="rlrr", timeout_min=launcher.time_min, gpus_per_node=launcher.gpus,
                                cpus_per_task=launcher.cpus, tasks_per_node=1, nodes=1,
                                **({"slurm_partition": launcher.partition} if launcher.partition else {}))

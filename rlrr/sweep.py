@@ -7,16 +7,22 @@ best trial's setting is written as ``best.yaml`` (a task YAML ``rlrr train --con
 retrained with the ``retrain`` protocol (pick the epoch on val, train on train+val, test once) in
 ``final/<setting>/``: the only run that reads test.
 
-Everything resumes: trials live in an Optuna journal (``optuna.journal``), each trial's run in
-``trials/<setting>/`` (a bench cell: resumed from its checkpoint).  A trial cut off by a kill stays
-"running" in the journal; the grid sampler asks its setting again once every other one has started,
-and that trial resumes the same folder.  A finished sweep is only read back.
+Everything resumes, and a kill -9 at any point changes nothing: the grid is visited in one seeded order
+(``--budget`` is its first settings), trials live in an Optuna journal (``optuna.journal``) written under
+an ``flock`` the kernel drops with a dead writer (a record torn by a kill mid-write is cut off on the next
+open), and each trial's run in ``trials/<setting>/`` (a bench cell: resumed from its checkpoint).  Each
+worker holds a lock of its own while it lives, so a trial left "running" by a dead worker is known for
+what it is: marked failed (cut off) and its setting run again, resuming its folder, before any other.
+So a killed sweep, rerun, reaches the uninterrupted one's trials and choice.  A finished sweep is only
+read back.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+import os
+import socket
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,7 @@ from .bench import RUN_OPTIONS, run_cell
 from .config import load_yaml, task_config, task_config_path
 from .engine.trainer import TrainConfig
 from .experiment import plan
-from .files import atomic_write, write_csv
+from .files import FileLock, atomic_write, held_elsewhere, write_csv
 from .launch import Launcher, launch
 
 # Supp. Table 3: lr, weight decay, dropout (drop path here), batch size.
@@ -35,6 +41,7 @@ PAPER_GRID: dict[str, list] = {"lr": [0.2, 0.1, 0.05, 0.01, 0.005, 0.001, 0.0001
 NOT_SEARCHED = {"protocol", "seed", "device", "progress", "num_workers", "eval_batch_size", "deterministic"}
 TASK_KEYS = ("drop_path", "aug", "num_classes")  # run options a task YAML holds itself
 SEARCHABLE = tuple(f.name for f in fields(TrainConfig) if f.name not in NOT_SEARCHED) + ("drop_path",)
+OWNERS: dict[str, FileLock] = {}  # this process's owner lock per sweep worker name, held until it exits
 
 
 def _optuna():
@@ -47,7 +54,8 @@ def _optuna():
 
 
 def parse_grid(items: list[str] | None) -> dict[str, list]:
-    """``KEY=V1,V2,...`` flags as a grid (values as YAML scalars); none: the paper's whole grid."""
+    """``KEY=V1,V2,...`` flags as a grid (values as YAML scalars), every value checked now, before any trial
+    or journal exists; none: the paper's whole grid."""
     if not items:
         return copy.deepcopy(PAPER_GRID)
     grid = {}
@@ -56,6 +64,9 @@ def parse_grid(items: list[str] | None) -> dict[str, list]:
         key = key.strip().replace("-", "_")
         if not sep or key not in SEARCHABLE:
             raise ValueError(f"--grid {item!r} must be KEY=V1,V2,... with KEY one of {', '.join(SEARCHABLE)}")
+        if key in grid:
+            raise ValueError(f"--grid {key} is given twice; give its values once, comma-separated "
+                             f"(--grid {key}=V1,V2,...)")
         parsed = [load_yaml(v, f"--grid {item}", lines=False) for v in values.split(",") if v.strip()]
         hint = float if key == "drop_path" else next(f.type for f in fields(TrainConfig) if f.name == key)
         want = (int, float) if "float" in str(hint) else (int,) if "int" in str(hint) else (object,)
@@ -63,8 +74,25 @@ def parse_grid(items: list[str] | None) -> dict[str, list]:
         if not parsed or bad:
             raise ValueError(f"--grid {item!r}: give one or more {'numbers' if float in want else 'values'} "
                              f"separated by commas{f', not {bad[0]!r}' if bad else ''}")
+        for v in parsed:  # the rule each value meets as a flag, named with the grid item it came from
+            if key == "drop_path" and not 0 <= v < 1:
+                raise ValueError(f"--grid {item!r}: drop_path must be in [0, 1), not {v!r}")
+            try:
+                TrainConfig(**({} if key == "drop_path" else {key: v}))
+            except ValueError as e:
+                raise ValueError(f"--grid {item!r}: {e}") from None
         grid[key] = list(dict.fromkeys(parsed))
     return grid
+
+
+def grid_order(grid: dict[str, list]) -> list[dict]:
+    """Every setting of ``grid`` in one seeded order: the order trials run in, so ``--budget N`` is the first
+    N (a random subset of the grid) and any run of the sweep, killed and resumed or not, makes the same ones."""
+    import itertools
+    import random
+    settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    random.Random(0).shuffle(settings)
+    return settings
 
 
 def setting_folder(params: dict) -> str:
@@ -95,16 +123,71 @@ class Sweep:
                                              "run": self.run_opts}))
 
     def study(self):
+        """The sweep's Optuna study on its journal (opened under the sweep's lock; a torn last record cut off)."""
         optuna = _optuna()
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
         self.out.mkdir(parents=True, exist_ok=True)
-        storage = JournalStorage(JournalFileBackend(str(self.out / "optuna.journal")))
-        study = optuna.create_study(study_name="sweep", storage=storage, load_if_exists=True, direction="maximize",
-                                    sampler=optuna.samplers.GridSampler(self.grid, seed=0),
-                                    pruner=self.pruner or optuna.pruners.MedianPruner(
-                                        n_startup_trials=3, n_warmup_steps=max(1, self.epochs // 3)))
-        return study
+        journal = self.out / "optuna.journal"
+        with self.lock:
+            repair_journal(journal)
+            try:
+                storage = JournalStorage(JournalFileBackend(str(journal.absolute()), lock_obj=self.lock))
+            except Exception as e:  # noqa: BLE001 - any record the replay cannot take (bad JSON, missing fields)
+                raise ValueError(f"sweep journal {journal} is damaged ({type(e).__name__}: {str(e)[:80]}); it is not a "
+                                 f"record this sweep can resume: delete {self.out} (or pass another --output) and "
+                                 "run the sweep again") from None
+            return optuna.create_study(study_name="sweep", storage=storage, load_if_exists=True, direction="maximize",
+                                       sampler=optuna.samplers.RandomSampler(seed=0),  # unused: settings are given
+                                       pruner=self.pruner or optuna.pruners.MedianPruner(
+                                           n_startup_trials=3, n_warmup_steps=max(1, self.epochs // 3)))
+
+    @property
+    def lock(self) -> FileLock:
+        """The sweep's one lock (journal writes and claiming a trial); made per process, never pickled."""
+        if getattr(self, "_lock", None) is None or self._lock[0] != os.getpid():
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = os.getpid(), FileLock(self.out / "sweep.lock")
+        return self._lock[1]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def claim(self, study):
+        """The next trial this worker runs, or None when the budget is met or the grid is used up.  Under the
+        sweep's lock: a trial whose worker is gone (its owner lock free) is marked failed, cut off, and its
+        setting counts as not run; then the first setting in grid order not done, failed by its own error, or
+        running in a live worker is asked as the next trial, owned by this process."""
+        from optuna.trial import TrialState
+        with self.lock:
+            trials = study.get_trials(deepcopy=False)
+            for t in trials:
+                if t.state == TrialState.RUNNING and not held_elsewhere(self.out / "owners" / f"{t.user_attrs.get('owner')}.lock"):
+                    study.tell(t.number, state=TrialState.FAIL)  # cut off by a kill: no "error" attribute
+            trials = study.get_trials(deepcopy=False)
+            if not any(t.state == TrialState.WAITING for t in trials):  # else: one asked by a killed claim first
+                live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+                if sum(t.state in live for t in trials) >= self.trials:
+                    return None
+                taken = {setting_folder(t.params) for t in trials if t.state in live or "error" in t.user_attrs}
+                todo = next((p for p in grid_order(self.grid) if setting_folder(p) not in taken), None)
+                if todo is None:
+                    return None
+                study.enqueue_trial(todo)
+            trial = study.ask()
+            trial.set_user_attr("owner", self.owner())
+            for k, v in self.grid.items():  # the setting is in the journal before the lock is let go
+                trial.suggest_categorical(k, v)
+            return trial
+
+    def owner(self) -> str:
+        """This process's name in the journal, and the lock it holds while it lives (until it exits)."""
+        name = f"{socket.gethostname()}-{os.getpid()}"
+        if name not in OWNERS:
+            (self.out / "owners").mkdir(parents=True, exist_ok=True)
+            OWNERS[name] = FileLock(self.out / "owners" / f"{name}.lock")
+            OWNERS[name].acquire()
+        return name
 
     def objective(self, trial) -> float:
         optuna = _optuna()
@@ -122,15 +205,28 @@ class Sweep:
         return res["val_acc"]
 
     def work(self) -> None:
-        """Run trials until the sweep has ``self.trials`` finished ones (several workers may share it)."""
+        """Run trials until the sweep has ``self.trials`` finished ones (several workers may share it).  A trial
+        whose run stops by itself (NaN loss, ...) is failed with its one-line reason and does not use up the
+        budget; any other error fails the trial and ends the worker with that error."""
         optuna = _optuna()
         from optuna.trial import TrialState
         from .engine.trainer import TrainingStopped
         study = self.study()
-        done = (TrialState.COMPLETE, TrialState.PRUNED)  # a failed trial does not use up the budget
-        if len(study.get_trials(deepcopy=False, states=done)) < self.trials:  # the grid's end stops it too
-            study.optimize(self.objective, catch=(TrainingStopped,),
-                           callbacks=[optuna.study.MaxTrialsCallback(self.trials, states=done)])
+        while (trial := self.claim(study)) is not None:
+            try:
+                value = self.objective(trial)
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED)
+                continue
+            except Exception as e:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                trial.set_user_attr("error", reason)
+                study.tell(trial, state=TrialState.FAIL)
+                if not isinstance(e, TrainingStopped):
+                    raise
+                print(f"trial {trial.number} {trial.params} failed: {reason}", flush=True)
+                continue
+            study.tell(trial, value)
 
     def run(self, launcher: Launcher | None = None) -> dict:
         """All trials (here or where ``launcher`` says), the choice on val, ``best.yaml``, then the final run."""
@@ -146,12 +242,13 @@ class Sweep:
             raise ValueError(f"{self.out} holds a sweep run with {diff}; pass another --output or delete it")
         if launcher.kind == "local" and launcher.workers == 1:
             self.work()
-        else:  # workers share the journal: each asks Optuna for the next setting until the budget is met
+        else:  # workers share the journal: each claims the next setting in grid order until the budget is met
             launch([(f"sweep worker {i}", _work, {"sweep": self}) for i in range(launcher.workers)], launcher,
                    self.out / "logs")
         trials = self.study().trials
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+        rank = {setting_folder(p): i for i, p in enumerate(grid_order(self.grid))}  # ties: the earlier setting,
+        best = max(complete, key=lambda t: (t.value, -rank[setting_folder(t.params)])) if complete else None  # not trial number
         self.write_trials(trials, best.number if best else -1)
         if best is None:
             raise RuntimeError(f"no trial of the sweep in {self.out} finished (see trials.csv); widen the grid or "
@@ -160,8 +257,8 @@ class Sweep:
         final = run_cell(self.out / "final" / setting_folder(best.params), f"final run of {best.params}", **self.run_args,
                          **{**self.train, **self.run_opts, "protocol": "retrain", "config": str(best_yaml)})
         summary = {"best": best.params, "best_trial": best.number, "val_acc": best.value,
-                   "trials": {s.name.lower(): sum(t.state == s for t in trials) for s in
-                              (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
+                   "trials": {state: sum(trial_state(t) == state for t in trials) for state in
+                              ("complete", "pruned", "fail", "cut off")},
                    "final": {k: final[k] for k in ("protocol", "selected_epoch", "val_acc", "test_acc")},
                    "best_yaml": str(best_yaml)}
         atomic_write(self.out / "sweep.json", lambda f: f.write(json.dumps(summary, indent=1)), "w")
@@ -188,7 +285,7 @@ class Sweep:
 
     def write_trials(self, trials, best: int) -> None:
         """trials.csv / trials.md (every trial: setting, state, val, epochs run) and sweep.png (val over the grid)."""
-        rows = [{"trial": t.number, **t.params, "state": t.state.name.lower(),
+        rows = [{"trial": t.number, **t.params, "state": trial_state(t),
                  "val_acc": None if t.value is None else round(t.value, 2),
                  "epochs_run": max(t.intermediate_values, default=None), "best": t.number == best} for t in trials]
         write_csv(self.out / "trials.csv", rows)
@@ -219,6 +316,24 @@ class Sweep:
         fig.tight_layout()
         fig.savefig(self.out / "sweep.png", dpi=90)
         plt.close(fig)
+
+
+def trial_state(trial) -> str:
+    """complete, pruned, fail (its run failed: the reason is its ``error`` attribute), cut off (its worker was
+    killed; the setting ran again in a later trial), running or waiting."""
+    name = trial.state.name.lower()
+    return "cut off" if name == "fail" and "error" not in trial.user_attrs else name
+
+
+def repair_journal(journal: Path) -> None:
+    """Cut a torn last record (a writer killed mid-write leaves a line without its newline) off the journal,
+    so the next record does not land on it and make the whole journal unreadable.  Call under the lock."""
+    if not journal.is_file() or journal.stat().st_size == 0:
+        return
+    data = journal.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(journal, "rb+") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _work(sweep: Sweep) -> None:

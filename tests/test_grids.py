@@ -54,7 +54,7 @@ def test_sweep_chooses_on_val_writes_a_task_yaml_and_resumes(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(sweep_args(out)) == 0
     summary = json.loads((out / "sweep.json").read_text())
-    assert summary["trials"] == {"complete": 2, "pruned": 0, "fail": 0}
+    assert summary["trials"] == {"complete": 2, "pruned": 0, "fail": 0, "cut off": 0}
     trials = (out / "trials.csv").read_text().splitlines()
     assert len(trials) == 3 and trials[0].startswith("trial,lr,state,val_acc")
     vals = {float(line.split(",")[1]): float(line.split(",")[3]) for line in trials[1:]}
@@ -72,22 +72,6 @@ def test_sweep_chooses_on_val_writes_a_task_yaml_and_resumes(tmp_path, capsys):
     assert "running" not in capsys.readouterr().out
     assert main(sweep_args(out, "--weight-decay", "0.01")) == 2  # another sweep into the same folder: refused
     assert "holds a sweep run with train=" in capsys.readouterr().err
-
-
-def test_a_trial_cut_off_by_a_kill_is_asked_again(tmp_path):
-    from rlrr.sweep import Sweep, parse_grid
-    out = tmp_path / "sweep"
-    sweep = Sweep(out, MODEL, "pretrained", "offline:mnist", "rlrr", {}, parse_grid(["lr=0.003,0.03"]), epochs=1,
-                  progress=False)
-    killed = sweep.study().ask()  # asked and never told: what a killed process leaves in the journal
-    lr = killed.suggest_categorical("lr", [0.003, 0.03])
-    summary = sweep.run()
-    assert summary["trials"]["complete"] == 2
-    trials = sweep.study().trials
-    assert trials[0].state.name == "RUNNING"
-    assert sorted(t.params["lr"] for t in trials if t.state.name == "COMPLETE") == [0.003, 0.03]
-    assert any(t.number > 1 and t.params["lr"] == lr for t in trials)  # the cut-off setting, asked again last
-    assert sorted(p.name for p in (out / "trials").iterdir()) == ["lr-0.003", "lr-0.03"]
 
 
 def test_pruned_trials_stop_early_and_a_sweep_without_a_finished_trial_says_so(tmp_path):

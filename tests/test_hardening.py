@@ -216,11 +216,11 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(task, tmp_path, cap
     assert train(task, out) == 0
     ck = (out / "checkpoint.pt").read_bytes()
     (out / "summary.json").unlink()  # as if the run stopped before its last write
-    (out / "summary.json.tmp").symlink_to("/dev/full")  # that write now meets a full device
+    (out / f"summary.json.{os.getpid()}.tmp").symlink_to("/dev/full")  # that write now meets a full device
     assert train(task, out, "--resume") == 2
     err = err_line(capsys)
     assert "No space left on device" in err and "last good checkpoint" in err and "--resume" in err
-    assert (out / "checkpoint.pt").read_bytes() == ck and not (out / "summary.json.tmp").exists()
+    assert (out / "checkpoint.pt").read_bytes() == ck and not (out / f"summary.json.{os.getpid()}.tmp").exists()
 
 
 def test_nan_never_becomes_the_last_good_checkpoint(task, tmp_path, capsys):
@@ -236,7 +236,7 @@ def test_failed_predict_keeps_the_old_csv(task, tmp_path, capsys):
     (task / "images" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     assert main(["predict", "--images", str(task / "images"), "--output", str(old)]) == 2
     assert "zz_broken.png" in err_line(capsys)
-    assert old.read_text() == "path,class_1\nold,1\n" and not Path(str(old) + ".tmp").exists()
+    assert old.read_text() == "path,class_1\nold,1\n" and not list(tmp_path.glob("*.tmp"))
 
 
 # --- backbone fingerprint -------------------------------------------------------------------------

@@ -13,7 +13,6 @@ Protocols (``TrainConfig.protocol``), recorded in every results file:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -28,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import adapter_state, batchnorm_stats, save_adapter
-from ..files import atomic_write, write_csv
+from ..files import FileLock, atomic_write, write_csv
 from ..methods.base import summary, trainable_parameters
 from . import distributed as dist
 from ..methods.base import cross_entropy
@@ -114,24 +113,14 @@ def check_writable(out: Path) -> None:
 def run_lock(out: Path):
     """Hold ``out/.lock`` for the run: a second run into the same folder is refused while this one lives;
     the OS drops the lock when the process ends, so a crashed run never leaves it stuck."""
-    f = open(out / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
-        raise TrainingStopped(f"{out} is in use by another running rlrr train (pid {pid}); wait for it to end "
-                              "or pass another --output") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
+    lock = FileLock(out / ".lock", blocking=False)
+    if not lock.acquire():
+        raise TrainingStopped(f"{out} is in use by another running rlrr train (pid {lock.holder()}); wait for it "
+                              "to end or pass another --output")
     try:
         yield
     finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+        lock.release()
 
 
 class Trainer:

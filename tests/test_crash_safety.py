@@ -1,0 +1,132 @@
+"""Long jobs killed with kill -9 at bad moments: rerunning the same command reaches the uninterrupted
+result; locks of dead processes are known by the holder being gone; launchers never pretend."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlrr.cli import main
+from rlrr.files import FileLock, held_elsewhere
+
+GRID = ["--model", "vit_pico_patch4_32", "--data", "offline:mnist", "--grid", "lr=0.003,0.01,0.03", "--budget", "2",
+        "--epochs", "2", "--no-progress"]
+
+
+def err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def outcome(out: Path) -> dict:
+    """What a sweep decided: its summary, and every finished trial's setting, state and val accuracy."""
+    summary = json.loads((out / "sweep.json").read_text())
+    summary.pop("best_yaml")
+    summary.pop("best_trial")  # a trial number: a cut-off trial takes one
+    summary["trials"].pop("cut off")
+    rows = [line.split(",") for line in (out / "trials.csv").read_text().splitlines()[1:]]
+    return {"summary": summary, "trials": sorted((r[1], r[2], r[3]) for r in rows if r[2] != "cut off")}
+
+
+def killed_when(cmd: list[str], cwd: Path, appears: Path, timeout: float = 240) -> None:
+    """Run ``cmd`` and kill -9 it as soon as ``appears`` exists (the bad moment)."""
+    proc = subprocess.Popen([sys.executable, "-m", "rlrr.cli", *cmd], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    end = time.monotonic() + timeout
+    while not appears.exists() and proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"{cmd} ended before {appears} appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ref") / "sweep"
+    assert main(["sweep", *GRID, "--output", str(out)]) == 0
+    return outcome(out)
+
+
+def test_a_sweep_killed_mid_trial_with_a_relative_output_resumes_to_the_same_choice(uninterrupted, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = tmp_path / "sweep" / "trials" / "lr-0.003"  # the first setting in grid order
+    killed_when(["sweep", *GRID, "--output", "sweep"], tmp_path, first / "checkpoint.pt")  # after its epoch 1
+    assert not (tmp_path / "sweep" / "sweep.json").exists()
+    # as if the kill had also hit inside a journal write: a torn record without its newline
+    with open(tmp_path / "sweep" / "optuna.journal", "ab") as f:
+        f.write(b'{"op_code": 6, "worker_id": "x", "trial_id": 0, "par')
+    assert main(["sweep", *GRID, "--output", "sweep"]) == 0
+    assert outcome(tmp_path / "sweep") == uninterrupted
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["trials"]["cut off"] == 1
+
+
+def test_a_sweep_killed_between_trials_resumes_to_the_same_choice(uninterrupted, tmp_path):
+    out = tmp_path / "sweep"
+    second = out / "trials" / "lr-0.03"
+    killed_when(["sweep", *GRID, "--output", str(out)], tmp_path, second)
+    assert main(["sweep", *GRID, "--output", str(out)]) == 0
+    assert outcome(out) == uninterrupted
+
+
+def test_a_damaged_journal_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "optuna.journal").write_text('{"op_code": 0, "worker_id": "a", "study_name": "sweep"}\n{"op_c!!\n{}\n')
+    assert main(["sweep", *GRID, "--output", str(out)]) == 2
+    err = err_line(capsys)
+    assert str(out / "optuna.journal") in err and "damaged" in err and f"delete {out}" in err
+
+
+def test_bad_grid_values_are_refused_before_any_trial_and_a_corrected_rerun_works(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    bad = ["sweep", "--model", "vit_pico_patch4_32", "--data", "offline:mnist", "--epochs", "1", "--output", str(out)]
+    assert main([*bad, "--grid", "lr=-0.1"]) == 2
+    assert "--grid 'lr=-0.1': --lr must be a positive number, not -0.1" in err_line(capsys)
+    assert not out.exists()  # nothing recorded, so the corrected command is not refused
+    assert main([*bad, "--grid", "drop_path=0.1,1.5"]) == 2
+    assert "drop_path must be in [0, 1), not 1.5" in err_line(capsys)
+    assert main([*bad, "--grid", "lr=0.01", "--grid", "lr=0.001"]) == 2
+    assert "--grid lr is given twice" in err_line(capsys)
+
+
+def test_a_failing_trial_is_one_line_and_does_not_use_up_the_budget(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", "vit_pico_patch4_32", "--data", "offline:mnist", "--grid", "lr=1e30,0.01",
+                 "--budget", "1", "--epochs", "1", "--batch-size", "64", "--output", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr()
+    assert "Traceback" not in text.out + text.err
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["best"] == {"lr": 0.01} and summary["trials"]["fail"] == 1 and summary["trials"]["complete"] == 1
+
+
+def test_slurm_where_there_is_none_is_one_line_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun on it
+    out = tmp_path / "bench"
+    assert main(["bench", "--suite", "mini", "--methods", "linear", "--smoke", "--launcher", "slurm",
+                 "--output", str(out)]) == 2
+    err = err_line(capsys)
+    assert "no Slurm here" in err and "--launcher local" in err
+    assert not list(out.glob("*/*/seed0/summary.json"))
+
+
+def test_a_lock_of_a_killed_process_is_free_at_once(tmp_path):
+    path = tmp_path / "x.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom rlrr.files import FileLock\n"
+                               "FileLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert held_elsewhere(path) and not FileLock(path, blocking=False).acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    start = time.monotonic()
+    lock = FileLock(path)
+    assert lock.acquire() and time.monotonic() - start < 1 and not held_elsewhere(path)
+    assert lock.acquire() and lock.depth == 2  # re-entrant in its holder
+    lock.release(), lock.release()
+    assert path.read_text() == str(os.getpid())
