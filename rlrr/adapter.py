@@ -101,6 +101,9 @@ def load_adapter(model: torch.nn.Module, path: str | Path, check_fingerprint: bo
     """
     tensors, meta = read_adapter(path)
     trained_at, runs_at = json.loads(meta.get("input_size", "null")), (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if trained_at and runs_at and list(runs_at) != trained_at and meta["backbone"] != architecture(model):
+        raise AdapterMismatchError(f"{path} was trained on {meta['backbone']} but this model is {architecture(model)}; "
+                                   f"load it onto {meta['backbone']}")  # the architecture first: a size fix would not help
     if trained_at and runs_at and list(runs_at) != trained_at:
         raise AdapterMismatchError(f"{path} was trained at input size {trained_at[1]}×{trained_at[2]} but this model "
                                    f"runs at {runs_at[1]}×{runs_at[2]}; create it with img_size=({trained_at[1]}, "

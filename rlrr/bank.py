@@ -382,6 +382,8 @@ class AdapterBank(nn.Module):
         unknown = sorted(set(tasks) - set(self.tasks))
         if unknown:
             raise KeyError(f"no task {unknown[0]!r} in the bank; tasks: {', '.join(self.tasks) or 'none'}")
+        if not tasks:  # an empty batch: nothing to answer (a layer could not tell rows per sample)
+            return []
         names = list(self.tasks)
         slots = [names.index(t) for t in tasks]
         order = sorted(range(len(tasks)), key=slots.__getitem__)  # each task's samples one slice of the batch

@@ -58,6 +58,7 @@ def server(tmp_path_factory):
         adapter(folder, name, labels, seed=i)
     (folder / "broken.safetensors").write_bytes(b"not an adapter")
     pinned = adapter(root, "pinned", ["a", "b", "c", "d"], method="bitfit", seed=9)  # --adapter NAME=PATH
+    adapter(folder, "pinned", ["x", "y", "z"], seed=3)  # a folder file of the pinned name: refused, never swapped in
     images = root / "images"
     images.mkdir()
     for i, img in enumerate(digit_images(4)[0]):
@@ -93,8 +94,10 @@ def test_tasks_are_listed_with_classes_and_the_bad_file_is_refused_by_name(serve
     url, folder, _ = server
     got = httpx.get(f"{url}/v1/tasks").json()
     assert {t["name"]: t["classes"] for t in got["tasks"]} == {**{k: len(v) for k, v in TASKS.items()}, "pinned": 4}
-    assert list(got["refused"]) == [str(folder / "broken.safetensors")]
+    assert sorted(got["refused"]) == [str(folder / "broken.safetensors"), str(folder / "pinned.safetensors")]
     assert "not a readable safetensors adapter" in got["refused"][str(folder / "broken.safetensors")]
+    assert "task 'pinned' is given by --adapter pinned=" in got["refused"][str(folder / "pinned.safetensors")]
+    assert httpx.post(f"{url}/v1/tasks/rescan").json()["tasks"] == got["tasks"]  # a rescan keeps the pinned one
 
 
 def test_each_task_answers_with_its_own_class_names_and_the_merged_models_choice(server):
@@ -137,6 +140,8 @@ def test_bad_requests_are_4xx_json_naming_the_problem(server):
         "huge body": (classify(url, b"\0" * (17 * 2**20), "digits"), 413, "over 16 MiB"),
         "unknown task": (classify(url, good, "cats"), 404, "no task 'cats'; tasks: "),
         "bad topk": (classify(url, good, "digits", topk="-1"), 400, "'topk' must be a whole number"),
+        "superscript topk": (classify(url, good, "digits", topk="\u00b2"), 400, "'topk' must be a whole number"),
+        "arabic-indic topk": (classify(url, good, "digits", topk="\u0663"), 400, "'topk' must be a whole number"),
         "no image": (httpx.post(f"{url}/v1/classify", files={"photo": ("a.png", good)}, data={"task": "digits"}), 400,
                      "field 'image' is missing"),
         "form, not multipart": (httpx.post(f"{url}/v1/classify", data={"task": "digits"}), 400, "multipart/form-data"),
@@ -217,3 +222,130 @@ def test_the_page_classifies_an_upload_in_a_real_browser(server):
             driver.save_screenshot(os.environ["RLRR_SCREENSHOT"])
     finally:
         driver.quit()
+
+
+def test_health_readiness_and_metrics_in_the_exposition_format(server):
+    from prometheus_client.parser import text_string_to_metric_families
+    url, _, images = server
+    assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
+    assert httpx.get(f"{url}/readyz").json() == {"status": "ready", "tasks": len(TASKS) + 1}
+    before = httpx.get(f"{url}/metrics")
+    assert before.headers["content-type"].startswith("text/plain")
+    assert classify(url, png(images), "parity").status_code == 200
+    assert classify(url, b"junk", "parity").status_code == 400
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text) for s in f.samples}
+    old = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(before.text)
+           for s in f.samples}
+    ok, bad = ("rlrr_requests_total", (("status", "200"), ("task", "parity"))), \
+        ("rlrr_requests_total", (("status", "400"), ("task", "parity")))
+    assert samples[ok] - old.get(ok, 0) == 1 and samples[bad] - old.get(bad, 0) == 1
+    assert samples[("rlrr_tasks_loaded", ())] == len(TASKS) + 1 and samples[("rlrr_tasks_refused", ())] == 2
+    assert samples[("rlrr_queue_depth", ())] == 0
+    assert samples[("rlrr_request_seconds_count", ())] >= 2 and samples[("rlrr_batch_size_count", ())] >= 1
+
+
+def start(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """``rlrr serve`` with ``args`` on a free loopback port, once it answers /healthz."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rlrr.cli", "serve", "--model", MODEL, "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            pytest.fail(f"rlrr serve exited: {proc.stdout.read()}")
+    pytest.fail("rlrr serve did not start")
+
+
+def test_overload_is_answered_503_with_retry_after_and_the_service_recovers(server, tmp_path):
+    _, folder, images = server
+    proc, url = start(["--adapters", str(folder), "--max-queue", "2", "--max-batch", "1", "--max-wait-ms", "0"])
+    try:
+        good = png(images)
+
+        def one(i):
+            try:
+                r = classify(url, good, list(TASKS)[i % 3])
+                return r.status_code, r.headers.get("retry-after")
+            except httpx.HTTPError as e:  # a dropped or hung connection: what must never happen
+                return type(e).__name__, None
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(one, range(120)))
+        codes = [c for c, _ in results]
+        assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0, codes
+        assert all(int(ra) >= 1 for c, ra in results if c == 503)
+        assert classify(url, good, "digits").status_code == 200  # back to normal
+        assert "rlrr_queue_depth 0.0" in httpx.get(f"{url}/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_token_guards_management_and_never_reaches_the_log(server, tmp_path):
+    _, folder, images = server
+    secret = "s3cret-token-value"
+    proc, url = start(["--adapters", str(folder)], env={"RLRR_SERVE_TOKEN": secret})
+    try:
+        r = httpx.post(f"{url}/v1/tasks/rescan")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and "token" in r.json()["error"]
+        assert httpx.post(f"{url}/v1/tasks/rescan", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.post(f"{url}/v1/tasks/rescan", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+        assert classify(url, png(images), "digits").status_code == 200  # inference stays open by default
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert secret not in out
+    proc, url = start(["--adapters", str(folder), "--token", secret, "--protect-inference"])
+    try:
+        assert classify(url, png(images), "digits").status_code == 401
+        r = httpx.post(f"{url}/v1/classify", files={"image": ("x.png", png(images), "image/png")},
+                       data={"task": "digits"}, headers={"Authorization": f"Bearer {secret}"}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_request_past_its_deadline_and_a_server_fault_are_5xx_and_the_loop_goes_on(server):
+    from starlette.testclient import TestClient
+    from rlrr.bank import AdapterBank
+    from rlrr.serve import Service, create_app
+    _, folder, images = server
+    model = rlrr.create_backbone(MODEL)
+    service = Service(AdapterBank(model), eval_transform(model.pretrained_cfg, "none"), folder, timeout_s=0.05)
+    real = service.classify
+    with TestClient(create_app(service)) as client:
+        send = lambda: client.post("/v1/classify", files={"image": ("x.png", png(images), "image/png")},  # noqa: E731
+                                   data={"task": "digits"})
+        service.classify = lambda jobs: (time.sleep(0.3), real(jobs))[1]  # a batch slower than the deadline
+        r = send()
+        assert r.status_code == 503 and "not answered within 0.05 s" in r.json()["error"] and r.headers["retry-after"]
+        service.classify = lambda jobs: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
+        service.timeout_s = 30
+        r = send()
+        assert r.status_code == 500 and "server fault" in r.json()["error"]
+        service.classify = real
+        assert send().status_code == 200
+
+
+def test_serve_flags_that_cannot_work_are_one_line(tmp_path, capsys):
+    from rlrr.cli import main
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", MODEL, "--port", str(port)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --port ") and "pick another --port" in err and "\n" not in err
+    assert main(["serve", "--model", MODEL, "--host", "0.0.0.0"]) == 2
+    assert "set a token (--token or RLRR_SERVE_TOKEN), or pass --insecure" in capsys.readouterr().err
+    a = adapter(tmp_path, "a", ["x", "y"])
+    assert main(["serve", "--model", MODEL, "--adapter", f"a={a}", "--adapter", f"a={a}"]) == 2
+    assert "--adapter a= is given twice" in capsys.readouterr().err
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "must be a port number 1-65535" in capsys.readouterr().err
