@@ -16,7 +16,8 @@ def atomic_write(path: str | Path, write: Callable[[IO], object], mode: str = "w
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as f:
+        text = {"newline": "", "encoding": "utf-8", "errors": "surrogateescape"}  # file names: their own bytes
+        with open(tmp, mode, **({} if "b" in mode else text)) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

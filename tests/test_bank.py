@@ -121,3 +121,16 @@ def test_the_bank_refuses_what_it_cannot_serve(tmp_path):
     with pytest.raises(AdapterMismatchError, match="trained on backbone weights"):
         bank.add("other", path)
     assert not bank.tasks
+
+
+def test_an_empty_batch_is_an_empty_answer_and_another_architecture_is_named_before_its_size(tmp_path):
+    bank = AdapterBank(backbone("vit"))
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=64, patch_size=16,
+                              embed_dim=48, depth=2, num_heads=3)  # another architecture, trained at another size
+    path = rlrr.save_adapter(rlrr.apply(other, rlrr.RLRRConfig()), tmp_path / "tiny.safetensors")
+    with pytest.raises(AdapterMismatchError) as e:
+        bank.add("tiny", path)
+    assert "trained on vit_tiny_patch16_224 but this model is vit_pico_patch4_32" in str(e.value)
+    assert "input size" not in str(e.value) and "--img-size" not in str(e.value)
+    bank.add("mine", rlrr.save_adapter(rlrr.apply(backbone("vit"), rlrr.RLRRConfig()), tmp_path / "mine.safetensors"))
+    assert bank(torch.randn(0, 3, 32, 32), []) == []

@@ -274,3 +274,47 @@ def test_fingerprint_sees_one_changed_weight():
         assert rlrr.backbones.fingerprint(a) == fp
         a.blocks[3].mlp.fc1.weight[5, 7] += 1e-3
     assert rlrr.backbones.fingerprint(a) != fp
+
+
+# --- text in other encodings, near-twin class names, test images listed for training (#27 items 7-9) ----
+def test_text_files_that_are_not_utf8_are_one_line_naming_file_line_and_fix(task, tmp_path, capsys):
+    lines = (task / "test.txt").read_text().splitlines()
+    (task / "test.txt").write_bytes("\n".join([*lines[:2], "images/caf\u00e9.png 1"]).encode("latin-1"))
+    assert train(task, tmp_path / "run") == 2
+    err = err_line(capsys)
+    assert f"{task / 'test.txt'}:3: not UTF-8 text (byte 0xe9)" in err and "iconv -f latin1 -t utf-8" in err
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_bytes("path,label\nimages/a.png,ch\u00e8vre\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"list.csv:2: not UTF-8 text"):
+        build_data(f"csv:{csv_file}", CFG)
+
+
+def test_predict_on_file_names_that_are_not_utf8_writes_their_names(task, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    raw = os.fsencode(images) + b"/caf\xe9.png"  # a Latin-1 name, as old cameras and zip files make them
+    with open(raw, "wb") as f:
+        f.write((task / "images" / "0000.png").read_bytes())
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--images", str(images), "--weights", "none", "--output", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert out.read_bytes().splitlines()[1].startswith(b"caf\xe9.png,")  # the file's own bytes: it can be found again
+
+
+def test_class_names_differing_only_in_case_or_spaces_are_warned_and_kept_apart(tmp_path, caplog):
+    root = tmp_path / "pets"
+    for name in ("Cat", "cat ", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / name / f"{i}.png")
+    splits = build_data(f"folder:{root}", CFG)
+    assert splits.class_names == ["Cat", "cat ", "dog"]
+    assert "classes 'Cat' and 'cat ' differ only in case or surrounding spaces" in caplog.text
+
+
+def test_a_test_image_listed_in_a_train_split_is_warned(task, caplog):
+    test_line = (task / "test.txt").read_text().splitlines()[0]
+    with open(task / "train800.txt", "a") as f:  # in train800 only, not in train800val200
+        f.write(test_line + "\n")
+    build_data(f"vtab1k:{task}", CFG)
+    assert "1 test image(s) are also in the training lists" in caplog.text

@@ -225,7 +225,7 @@ def test_remote_code_folders_are_refused_without_a_prompt(tmp_path):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("damage", ["bad field", "truncated weights", "pickled code", "text model"])
+@pytest.mark.parametrize("damage", ["bad field", "truncated weights", "cut-short data", "pickled code", "text model"])
 def test_broken_hf_folders_are_one_line_naming_the_problem(tmp_path, damage):
     import json
     import pickle
@@ -234,10 +234,10 @@ def test_broken_hf_folders_are_one_line_naming_the_problem(tmp_path, damage):
         cfg = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**cfg, "hidden_size": "wide"}))
         want = "config.json file"
-    elif damage == "truncated weights":
+    elif damage in ("truncated weights", "cut-short data"):  # cut in the header, or in the tensors' bytes
         w = folder / "model.safetensors"
-        w.write_bytes(w.read_bytes()[:200])
-        want = "weights file"
+        w.write_bytes(w.read_bytes()[:200] if damage == "truncated weights" else w.read_bytes()[:-100])
+        want = f"{w} is damaged or cut short .* download it again"
     elif damage == "pickled code":
         (folder / "model.safetensors").unlink()
 
@@ -251,4 +251,5 @@ def test_broken_hf_folders_are_one_line_naming_the_problem(tmp_path, damage):
         want = "is a Bert model, which transformers has no image classifier for"
     with pytest.raises(rlrr.BackboneError, match=want) as e:
         rlrr.create_backbone(f"hf:{folder}")
-    assert "\n" not in str(e.value) and "hf download" not in str(e.value)
+    assert "\n" not in str(e.value) and ("hf download" in str(e.value)) == (damage in ("truncated weights",
+                                                                                    "cut-short data"))

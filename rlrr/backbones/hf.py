@@ -146,7 +146,23 @@ def _load_error(source: str, folder: Path | None, what: str, e: Exception) -> st
     if "pickle" in type(e).__name__.lower() or "weights_only" in str(e):
         return (f"hf:{folder}: pytorch_model.bin holds pickled code, which rlrr never runs; convert the weights to "
                 "model.safetensors")
+    bad = next((p for p in sorted(folder.glob("*.safetensors")) if not _readable(p)), None) if what == "weights" else None
+    if bad is not None:
+        return (f"hf:{folder}: {bad} is damaged or cut short (its tensors do not read); download it again "
+                f"(`hf download <hub id> --local-dir {folder}`)")
     return f"hf:{folder}: its {what} file(s) do not load ({type(e).__name__}: {first}); fix or re-download the folder"
+
+
+def _readable(path: Path) -> bool:
+    """Whether every tensor of a safetensors file reads (a file cut short fails at its header or its data)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read is "not readable"
+        return False
 
 
 def _local_first(load, source: str, **kwargs):

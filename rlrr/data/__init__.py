@@ -101,7 +101,7 @@ def warn_repeats(spec: str, items: dict[str, list]) -> None:
             log.warning("%s: %d image(s) listed more than once in the %s split", spec,
                         len(paths) - len(set(paths)), split)
     test = {p for p, _ in items.get("test", [])}
-    leaked = {p for p, _ in items.get("trainval", []) if p in test}
+    leaked = {p for split in ("train", "val", "trainval") for p, _ in items.get(split, []) if p in test}
     if leaked:
         log.warning("%s: %d test image(s) are also in the training lists (train/val), e.g. %s; the test "
                     "accuracy is not held out", spec, len(leaked), sorted(leaked)[0])

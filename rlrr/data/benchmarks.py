@@ -5,7 +5,7 @@ import json
 import logging
 from pathlib import Path
 
-from .images import DataError, inside, read_list_file
+from .images import DataError, inside, read_list_file, read_text
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,10 @@ def fgvc_items(ds_dir: Path) -> tuple[dict[str, list], int]:
         f = ds_dir / f"{split}.json"
         if not f.is_file():
             raise DataError(f"split file {f} not found; FGVC needs VPT's train.json, val.json and test.json")
-        raw[split] = json.loads(f.read_text())
+        try:
+            raw[split] = json.loads(read_text(f))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{f}:{e.lineno}: not valid JSON ({e.msg}); VPT's split files map image path to label") from None
     ids = {lab: i for i, lab in enumerate(sorted({lab for m in raw.values() for lab in m.values()}))}
     root = ds_dir / sub
     items = {split: [(inside(root, p, f"{ds_dir / split}.json"), ids[lab]) for p, lab in m.items()]

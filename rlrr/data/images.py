@@ -2,6 +2,7 @@
 list of ``(path, label)`` read by one dataset class, so bad-input handling lives in one place."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -91,7 +92,7 @@ def read_list_file(list_file: Path, image_root: Path) -> list[tuple[Path, int]]:
         raise DataError(f"split file {list_file} not found; the VTAB-1k layout needs train800.txt, "
                         "val200.txt, train800val200.txt and test.txt in the task folder")
     items = []
-    for n, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), 1):  # a BOM is no path
+    for n, line in enumerate(read_text(list_file).splitlines(), 1):
         if not line.strip():
             continue
         path, _, label = line.rstrip().rpartition(" ")
@@ -101,6 +102,30 @@ def read_list_file(list_file: Path, image_root: Path) -> list[tuple[Path, int]]:
     if not items:
         raise DataError(f"split file {list_file} lists no images; fill it with 'relative/path label' lines")
     return items
+
+
+def read_text(path: Path) -> str:
+    """A text file the user gave (split list, CSV, JSON) as UTF-8 (a BOM is no path); any other encoding is
+    one line naming the file, the line and the fix, not a bare codec message."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save it as UTF-8, e.g. "
+                        f"iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}") from None
+
+
+def warn_near_twins(where: str, names: list[str]) -> None:
+    """The rule for class names: they are taken exactly as written (case and spaces count, as in torchvision's
+    ImageFolder: "A" and "a" can be two letters), but names that differ only in case or surrounding spaces
+    ("Cat" beside "cat ") are nearly always one class spelt twice, so each such group is warned about."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.strip().casefold(), []).append(name)
+    for twins in (g for g in groups.values() if len(g) > 1):
+        log.warning("%s: classes %s differ only in case or surrounding spaces and are kept apart as %d classes; "
+                    "if they are one class, give them one spelling", where, " and ".join(map(repr, twins)), len(twins))
 
 
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; beyond this a label is a typo, not a class
@@ -147,6 +172,7 @@ def image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     if empty:
         raise DataError(f"folder {root}: class folder(s) {', '.join(empty[:3])} hold no images; every class needs "
                         "some: fill or remove them")
+    warn_near_twins(str(root), classes)
     return [(p, i) for i, found in enumerate(per_class) for p in found], classes
 
 
@@ -159,21 +185,20 @@ def csv_list(csv_file: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
     if not csv_file.is_file():
         raise DataError(f"CSV file {csv_file} not found")
     rows, is_id = [], lambda label: label.lstrip("-").isdigit()  # "-1": an id, refused by parse_label below
-    with open(csv_file, newline="", encoding="utf-8-sig") as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if not row:
-                continue  # blank line
-            if len(row) < 2:
-                raise DataError(f"{csv_file}:{n}: expected 'path,label', got {row!r}")
-            path, label = row[0].strip(), row[1].strip()
-            if n == 1 and not is_id(label) and Path(path).suffix.lower() not in IMG_EXTENSIONS \
-                    and not (csv_file.parent / path).is_file():
-                continue  # header
-            if path.isdigit() and not label.isdigit():
-                raise DataError(f"{csv_file}:{n}: {row[:2]!r} looks like 'label,path'; the columns are 'path,label'")
-            if not label:
-                raise DataError(f"{csv_file}:{n}: label '' is not a class id or a class name; every row needs its class")
-            rows.append((n, csv_file.parent / path, label))
+    for n, row in enumerate(csv.reader(io.StringIO(read_text(csv_file), newline="")), 1):
+        if not row:
+            continue  # blank line
+        if len(row) < 2:
+            raise DataError(f"{csv_file}:{n}: expected 'path,label', got {row!r}")
+        path, label = row[0].strip(), row[1].strip()
+        if n == 1 and not is_id(label) and Path(path).suffix.lower() not in IMG_EXTENSIONS \
+                and not (csv_file.parent / path).is_file():
+            continue  # header
+        if path.isdigit() and not label.isdigit():
+            raise DataError(f"{csv_file}:{n}: {row[:2]!r} looks like 'label,path'; the columns are 'path,label'")
+        if not label:
+            raise DataError(f"{csv_file}:{n}: label '' is not a class id or a class name; every row needs its class")
+        rows.append((n, csv_file.parent / path, label))
     ids = [r for r in rows if is_id(r[2])]
     if len(ids) == len(rows):
         return [(path, parse_label(label, f"{csv_file}:{n}")) for n, path, label in rows], None
@@ -182,5 +207,6 @@ def csv_list(csv_file: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
         raise DataError(f"{csv_file}:{n}: label {label!r} is a class name but line {ids[0][0]} has the class id "
                         f"{ids[0][2]!r}; use ids (0, 1, ...) or names, not both")
     names = sorted({label for _, _, label in rows})
+    warn_near_twins(str(csv_file), names)
     index = {name: i for i, name in enumerate(names)}
     return [(path, index[label]) for _, path, label in rows], names
