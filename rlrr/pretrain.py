@@ -3,6 +3,12 @@
 Supervised classification of fractal classes (FractalDB-style) with full training of a small ViT.
 The shipped checkpoint ``rlrr/weights/vit_pico_patch4_32.fractal.safetensors`` was produced by the
 defaults below; its log sits beside it.  The classifier head is dropped: it only knows fractals.
+
+A pre-training that takes hours can be spread over several runs: every epoch ends in a checkpoint
+(``<model>.fractal.checkpoint.pt``: weights, optimiser, schedule, the data order's and torch's random
+state, the log), written atomically, and the same command run again continues from it, so a run killed
+at any point (kill -9 included) and rerun writes the same weights as one that never stopped.  A
+checkpoint of other settings is refused by name; a finished pre-training is only read back.
 """
 from __future__ import annotations
 
@@ -12,13 +18,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch.utils.data import DataLoader, random_split
 
 from .backbones import EMBEDDED_NAME, create_backbone
 from .data.synthetic import FractalDataset
 from .engine.loop import StepConfig, evaluate, train_one_epoch
 from .engine.optim import build_optimizer, build_scheduler
+from .files import FileLock, atomic_write
 
 
 @dataclass
@@ -36,35 +43,83 @@ class PretrainConfig:
 
 
 def pretrain(cfg: PretrainConfig, output: Path, progress: bool = True) -> dict:
-    """Pre-train and write ``<output>/<model>.fractal.safetensors`` (fp16, no head) plus a JSON log."""
+    """Pre-train (or continue a pre-training in ``output``) and write ``<output>/<model>.fractal.safetensors``
+    (fp16, no head) plus a JSON log."""
     output.mkdir(parents=True, exist_ok=True)
+    path, ckpt = output / f"{cfg.model}.fractal.safetensors", output / f"{cfg.model}.fractal.checkpoint.pt"
+    lock = FileLock(output / f".{cfg.model}.pretrain.lock", blocking=False)
+    if not lock.acquire():
+        raise RuntimeError(f"{output} is in use by another rlrr pretrain (pid {lock.holder()}); wait for it to end "
+                           "or pass another --output")
+    try:
+        return _pretrain(cfg, output, path, ckpt, progress)
+    finally:
+        lock.release()
+
+
+def _pretrain(cfg: PretrainConfig, output: Path, path: Path, ckpt: Path, progress: bool) -> dict:
+    state = _read_checkpoint(ckpt, cfg)
+    log_path = output / f"{cfg.model}.fractal.log.json"
+    if state is not None and state["epoch"] == cfg.epochs and path.is_file() and log_path.is_file():
+        print(f"pre-training in {output} is finished ({cfg.epochs} epochs); delete {ckpt.name} to run it again")
+        return json.loads(log_path.read_text())
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     data = FractalDataset(cfg.classes, cfg.per_class, seed=cfg.seed)
     n_val = len(data) // 20
     train, val = random_split(data, [len(data) - n_val, n_val], generator=torch.Generator().manual_seed(cfg.seed))
     gen_s = time.time() - t0
-    train_dl = DataLoader(train, cfg.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(cfg.seed))
+    order = torch.Generator().manual_seed(cfg.seed)  # the data order: advances each epoch, saved with each checkpoint
+    train_dl = DataLoader(train, cfg.batch_size, shuffle=True, drop_last=True, generator=order)
     val_dl = DataLoader(val, 256)
     model = create_backbone(cfg.model, weights=None, num_classes=cfg.classes)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     sched = build_scheduler(opt, cfg.epochs * len(train_dl), cfg.warmup_epochs * len(train_dl))
-    device, log = torch.device("cpu"), []
-    for epoch in range(cfg.epochs):
+    device, log, start, spent = torch.device("cpu"), [], 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        order.set_state(state["order"])
+        torch.set_rng_state(state["rng"])
+        log, start, spent = json.loads(state["log"]), state["epoch"], state["elapsed_s"]
+        print(f"continuing the pre-training in {output} after epoch {start - 1} of {cfg.epochs}", flush=True)
+    t0 = time.time() - spent
+    for epoch in range(start, cfg.epochs):
         stats = train_one_epoch(model, train_dl, opt, sched, StepConfig(label_smoothing=cfg.label_smoothing),
                                 device, epoch, progress=progress)
         stats.update({f"val_{k}": v for k, v in evaluate(model, val_dl, device).items()},
                      epoch=epoch, elapsed_s=round(time.time() - t0, 1))
         log.append(stats)
         print(json.dumps(stats), flush=True)
+        atomic_write(ckpt, lambda f: torch.save(
+            {"config": json.dumps(asdict(cfg)), "epoch": epoch + 1, "model": model.state_dict(),
+             "optim": opt.state_dict(), "sched": sched.state_dict(), "order": order.get_state(),
+             "rng": torch.get_rng_state(), "log": json.dumps(log), "elapsed_s": time.time() - t0}, f))
     sd = {k: v.half().contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    path = output / f"{cfg.model}.fractal.safetensors"
-    save_file(sd, str(path), metadata={"recipe": json.dumps(asdict(cfg))})
+    blob = save(sd, metadata={"recipe": json.dumps(asdict(cfg))})
+    atomic_write(path, lambda f: f.write(blob))
     result = {"config": asdict(cfg), "data_generation_s": round(gen_s, 1), "log": log,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "file": path.name}
-    (output / f"{cfg.model}.fractal.log.json").write_text(json.dumps(result, indent=1))
+    atomic_write(log_path, lambda f: f.write(json.dumps(result, indent=1)), "w")
     return result
+
+
+def _read_checkpoint(ckpt: Path, cfg: PretrainConfig) -> dict | None:
+    """The checkpoint to continue from (None: start), refusing one that is unreadable or of other settings."""
+    if not ckpt.is_file():
+        return None
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        was = json.loads(state["config"])
+    except Exception as e:  # noqa: BLE001 - truncated, foreign or pickled-code files all mean the same
+        raise RuntimeError(f"{ckpt} is not a readable pre-training checkpoint ({type(e).__name__}); delete it to "
+                           "start over") from None
+    if was != asdict(cfg):
+        diff = ", ".join(f"{k}={v!r} (now {asdict(cfg)[k]!r})" for k, v in was.items() if asdict(cfg).get(k) != v)
+        raise RuntimeError(f"{ckpt} continues a pre-training with {diff}; run with the same settings, or delete it "
+                           "(or pass another --output) to start another")
+    return state
 
 
 if __name__ == "__main__":

@@ -130,3 +130,39 @@ def test_a_lock_of_a_killed_process_is_free_at_once(tmp_path):
     assert lock.acquire() and lock.depth == 2  # re-entrant in its holder
     lock.release(), lock.release()
     assert path.read_text() == str(os.getpid())
+
+
+def results(out: Path) -> list[dict]:
+    """A bench's table rows without the wall-clock column (the one thing a rerun may change)."""
+    import csv
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    return [{k: v for k, v in r.items() if "wall" not in k} for r in rows]
+
+
+def test_a_bench_killed_mid_cell_resumes_to_the_uninterrupted_table(tmp_path):
+    bench = ["bench", "--suite", "mini", "--smoke", "--methods", "linear,bitfit", "--epochs", "2"]
+    ref = tmp_path / "ref"
+    assert main([*bench, "--output", str(ref)]) == 0
+    out = tmp_path / "killed"
+    killed_when([*bench, "--output", "killed"], tmp_path, out / "mnist" / "bitfit" / "seed0" / "checkpoint.pt")
+    assert not (out / "results.csv").exists()
+    assert main([*bench, "--output", str(out)]) == 0
+    assert results(out) == results(ref)
+
+
+def test_a_pretraining_killed_after_any_epoch_continues_to_the_same_weights(tmp_path, capsys):
+    args = ["pretrain", "--classes", "4", "--per-class", "40", "--epochs", "4", "--batch-size", "16",
+            "--warmup-epochs", "1"]
+    assert main([*args, "--output", str(tmp_path / "ref")]) == 0
+    ref = (tmp_path / "ref" / "vit_pico_patch4_32.fractal.safetensors").read_bytes()
+    out = tmp_path / "killed"
+    ckpt = out / "vit_pico_patch4_32.fractal.checkpoint.pt"
+    killed_when([*args, "--output", "killed"], tmp_path, ckpt)  # after its first epoch
+    assert not (out / "vit_pico_patch4_32.fractal.safetensors").exists()
+    capsys.readouterr()
+    assert main([*args, "--output", str(out)]) == 0
+    assert "continuing the pre-training" in capsys.readouterr().out
+    assert (out / "vit_pico_patch4_32.fractal.safetensors").read_bytes() == ref
+    assert main([*args, "--output", str(out)]) == 0 and "is finished" in capsys.readouterr().out
+    assert main([*args[:-1], "2", "--output", str(out)]) == 2  # other settings: refused, named
+    assert "warmup_epochs=1 (now 2)" in err_line(capsys)

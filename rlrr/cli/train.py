@@ -50,9 +50,9 @@ def add_commands(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a CI-sized run (seconds)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("pretrain", help="re-create the embedded backbone by fractal pre-training")
+    p = sub.add_parser("pretrain", help="re-create the embedded backbone by fractal pre-training (rerun: continues)")
     p.add_argument("--output", default="rlrr/weights", type=path_arg)
     for name, typ in (("classes", int), ("per_class", int), ("epochs", int), ("batch_size", int), ("lr", float),
-                      ("seed", int)):
+                      ("warmup_epochs", int), ("seed", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
     p.set_defaults(func=cmd_pretrain)
