@@ -7,9 +7,10 @@ request waits on a queue.  One batching loop takes up to ``max_batch`` queued im
 answers each.  Errors are JSON: 4xx for what the client sent, 5xx for the server's own faults; a bad
 request never stops the loop.
 
-Overload: the queue holds at most ``max_queue`` images; past that a request is answered at once with 503
-and ``Retry-After`` (never dropped, never left hanging), and a request not answered within ``timeout_s``
-gets 503 too.  Operations: ``/healthz`` (the process answers), ``/readyz`` (backbone loaded and at least one
+Overload: the queue holds at most ``max_queue`` images and at most ``max_queue + max_batch`` requests are
+in progress (bodies read, images decoded); past either, or when the queued work (at the last batch's
+pace) would outlast ``timeout_s``, a request is answered at once with 503 and ``Retry-After`` (never
+dropped, never left hanging), and a request not answered within ``timeout_s`` gets 503 too.  Operations: ``/healthz`` (the process answers), ``/readyz`` (backbone loaded and at least one
 task), ``/metrics`` (Prometheus).  With a ``token``, management routes (``POST /v1/tasks/rescan``) need
 ``Authorization: Bearer <token>``, and so does inference when ``protect_inference`` is set.
 
@@ -68,7 +69,7 @@ class Service:
     max_batch: int = 32
     max_wait_ms: float = 10.0
     rescan_s: float = 2.0
-    max_queue: int = 256  # images waiting at most; past it: 503 + Retry-After
+    max_queue: int = 64  # images waiting at most; past it: 503 + Retry-After
     timeout_s: float = 30.0  # a request not answered by then: 503
     token: str | None = None  # management (and, with protect_inference, inference) needs it as a Bearer token
     protect_inference: bool = False
@@ -77,6 +78,7 @@ class Service:
     refused: dict[str, str] = field(default_factory=dict)  # file -> why it is not served
     answered: int = 0
     batch_s: float = 0.0  # how long the last batch took (Retry-After's estimate)
+    inflight: int = 0  # classify requests between arrival and answer (reading, decoding, queued, in a batch)
     lock: threading.Lock = field(default_factory=threading.Lock)  # the bank changes only between batches
     metrics: "Metrics | None" = None
 
@@ -237,7 +239,14 @@ def create_app(service: Service):
     @app.post("/v1/classify")
     async def classify(request: Request):
         started = time.perf_counter()
-        response, task = await answer(request)
+        if service.inflight >= service.max_queue + service.max_batch:  # bodies held in memory stay bounded too
+            response, task = busy(f"the service is at capacity ({service.inflight} requests in progress)"), None
+        else:
+            service.inflight += 1
+            try:
+                response, task = await answer(request)
+            finally:
+                service.inflight -= 1
         status = response.status_code if isinstance(response, JSONResponse) else 200
         metrics.requests.labels(task if task in service.bank.tasks else "", str(status)).inc()
         metrics.latency.observe(time.perf_counter() - started)
@@ -277,6 +286,9 @@ def create_app(service: Service):
             image = await asyncio.to_thread(decode, data, service.transform)
         except DataError as e:
             return error(413 if "decompression-bomb" in str(e) else 400, f"field 'image': {e}"), task
+        wait = (service.queue.qsize() // service.max_batch + 1.5) * service.batch_s  # half the running batch (on average), those queued, its own
+        if wait > service.timeout_s:  # it would only time out: say so now, not after timeout_s
+            return busy(f"the service is at capacity (about {wait:.0f} s of queued work)"), task
         job = Job(image, task, asyncio.get_running_loop().create_future())
         try:
             service.queue.put_nowait(job)

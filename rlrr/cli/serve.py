@@ -69,7 +69,7 @@ def add_commands(sub) -> None:
     p.add_argument("--max-batch", type=at_least(1), default=32, help="images per bank call at most")
     p.add_argument("--max-wait-ms", type=at_least(0.0, float), default=10.0,
                    help="how long the first queued image waits for others to share its batch")
-    p.add_argument("--max-queue", type=at_least(1), default=256,
+    p.add_argument("--max-queue", type=at_least(1), default=64,
                    help="images waiting at most; past it a request is answered 503 with Retry-After")
     p.add_argument("--timeout-s", type=at_least(0.001, float), default=30.0,
                    help="a request not answered within this many seconds is answered 503")
