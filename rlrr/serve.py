@@ -27,6 +27,7 @@ import hmac
 import io
 import logging
 import math
+import os
 import re
 import socket
 import threading
@@ -321,8 +322,12 @@ async def rescan_forever(service: Service) -> None:
         await asyncio.sleep(service.rescan_s)
         try:
             await asyncio.to_thread(service.sync)
-        except Exception:  # noqa: BLE001 - a rescan that fails is retried next time; serving goes on
-            log.exception("rescan of %s failed", service.folder)
+        except Exception as e:  # noqa: BLE001 - a rescan that fails is retried next time; serving goes on
+            if os.environ.get("RLRR_DEBUG"):
+                log.exception("rescan of %s failed", service.folder)
+            else:
+                log.error("rescan of %s failed: %s: %s (retried in %g s)", service.folder, type(e).__name__, e,
+                          service.rescan_s)
 
 
 class Metrics:
