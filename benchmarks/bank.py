@@ -97,7 +97,7 @@ def main() -> None:
             fns["resident"] = lambda: [m(x[idx]) for m, idx in zip(resident, parts)]
         peft = peft_lora(base, k)
         if peft is not None:
-            fns["peft LoRA"] = lambda: peft(x, adapter_names=tasks)
+            fns["peft LoRA"] = lambda: peft(x, adapter_names=tasks)  # noqa: F821 - bound above, deleted below
         t = best_interleaved(fns, args.reps, "cpu")
         row = {"K": k, **{name: round(1000 * s, 1) for name, s in t.items()}}
         rows.append(row)

@@ -144,7 +144,8 @@ def main() -> None:
             print(f"torch.compile: RLRR step x{rows['rlrr']['step_s'] / rows['rlrr+compile']['step_s']:.2f} faster, "
                   f"full step x{f['step_s'] / rows['full+compile']['step_s']:.2f} faster")
         report[case] = {"train": rows, **ev}
-    Path(os.environ.get("BENCH_JSON", Path(__file__).with_name("last_speed_memory.json"))).write_text(json.dumps(report, indent=1))
+    out = Path(os.environ.get("BENCH_JSON", Path(__file__).with_name("last_speed_memory.json")))
+    out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

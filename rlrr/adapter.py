@@ -100,7 +100,8 @@ def load_adapter(model: torch.nn.Module, path: str | Path, check_fingerprint: bo
     ``check_fingerprint``: refuse backbone weights other than those the adapter was trained on.
     """
     tensors, meta = read_adapter(path)
-    trained_at, runs_at = json.loads(meta.get("input_size", "null")), (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    trained_at = json.loads(meta.get("input_size", "null"))
+    runs_at = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
     if trained_at and runs_at and list(runs_at) != trained_at and meta["backbone"] != architecture(model):
         raise AdapterMismatchError(f"{path} was trained on {meta['backbone']} but this model is {architecture(model)}; "
                                    f"load it onto {meta['backbone']}")  # the architecture first: a size fix would not help

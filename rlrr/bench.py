@@ -99,7 +99,7 @@ def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method
              method_opts: dict | None = None, on_epoch=None, **settings) -> dict:
     """One grid cell: the summary of a finished cell, else the run that finishes it (resuming its
     checkpoint), so an interrupted grid continues where it stopped.  A finished cell is reused only if
-    it was run with what the cell would use now (a rate or option changed in ``configs/`` since, or
+    it was run with what the cell would use now (a rate or option changed in ``rlrr/configs/`` since, or
     another ``--model``, is refused by name rather than mixed into the table)."""
     done = cell / "summary.json"
     if done.is_file():
@@ -199,7 +199,7 @@ def markdown_table(rows: list[dict], suite: str, published: str | None = None) -
     lines.append(f"\nTop-1 % on test, mean ± std over seeds {sorted({r['seed'] for r in rows})}; protocol: "
                  f"{', '.join(protocols)}; params = method parameters without the head.")
     if published is None and markdown_published(suite):
-        published = (f"Published (not run here; from configs/published/{suite}.csv, both means recomputed from the "
+        published = (f"Published (not run here; from rlrr/configs/published/{suite}.csv, both means recomputed from the "
                      f"cells; 'printed' is the paper's own mean and its convention):\n\n{markdown_published(suite)}")
     if published:
         lines.append(f"\n{published}")

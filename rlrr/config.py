@@ -1,4 +1,4 @@
-"""Checked-in per-task configs (``configs/<kind>/<task>.yaml``): official hyperparameters for
+"""Checked-in per-task configs (``rlrr/configs/<kind>/<task>.yaml``): official hyperparameters for
 VTAB-1k and FGVC, CPU-sized ones for the offline tasks; the YAML reading and the type checks that every
 user-written value (config files, ``--method-opt``, ``--pace``, adapter metadata) goes through."""
 from __future__ import annotations
@@ -87,12 +87,12 @@ def check_fields(cls: type, values: dict, where: str) -> dict:
                 raise TypeError(f"{where}: {key} must be {describe(hints[key])}, not {value!r}") from None
     return out
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: a wheel carries it
 
 
 def task_config_path(data: str, config: str | Path | None = None) -> Path | None:
     """The task YAML a run reads: ``config`` when given (it must exist), else the checked-in
-    ``configs/<kind>/<task>.yaml`` of the data spec when there is one."""
+    ``rlrr/configs/<kind>/<task>.yaml`` of the data spec when there is one."""
     if config:
         path = Path(config)
         if not path.is_file():
@@ -100,7 +100,19 @@ def task_config_path(data: str, config: str | Path | None = None) -> Path | None
         return path
     kind, _, where = data.partition(":")
     path = CONFIG_DIR / kind / f"{Path(where).name}.yaml"
-    return path if path.is_file() else None
+    if path.is_file():
+        return path
+    if Path(where).name in known_tasks(kind):  # the package ships one: without it every value would be a default
+        raise FileNotFoundError(f"the config of {kind} task {Path(where).name} ({path}) is missing from the installed "
+                                "rlrr; reinstall it (pip install --force-reinstall rlrr) or pass --config FILE")
+    return None
+
+
+def known_tasks(kind: str) -> tuple[str, ...]:
+    """The tasks the package ships a config for, by data kind."""
+    from .data.benchmarks import FGVC, VTAB
+    from .data.offline import TASKS
+    return {"vtab1k": tuple(VTAB), "fgvc": tuple(FGVC), "offline": TASKS}.get(kind, ())
 
 
 def task_config(data: str, config: str | Path | None = None) -> dict:

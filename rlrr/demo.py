@@ -20,7 +20,7 @@ METHODS = ("rlrr", "linear")
 
 
 def run_demo(out: Path, quick: bool = False, task: str = "mnist") -> dict:
-    """Both methods with their rates from configs/offline/<task>.yaml; ``quick`` = a CI-sized schedule."""
+    """Both methods with their rates from rlrr/configs/offline/<task>.yaml; ``quick`` = a CI-sized schedule."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     base = create_backbone(EMBEDDED_NAME, weights="pretrained", num_classes=10)

@@ -1,4 +1,4 @@
-"""Published VTAB-1k and FGVC results as data (``configs/published/*.csv``), every row with its source.
+"""Published VTAB-1k and FGVC results as data (``rlrr/configs/published/*.csv``), every row with its source.
 
 Papers average VTAB-1k two ways: RLRR and HTA print the plain mean of the 19 tasks (RLRR: 74.5),
 PACE and NOAH-style tables the mean of the three group means (the same RLRR row: 76.7 as PACE prints
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import statistics
-from pathlib import Path
 
 from .config import CONFIG_DIR
 from .data.benchmarks import FGVC, VTAB
@@ -18,10 +17,12 @@ PUBLISHED_DIR = CONFIG_DIR / "published"
 
 
 def load(suite: str) -> list[dict]:
-    """Rows of ``configs/published/<suite>.csv``: method, backbone, params_m, source, printed mean and
+    """Rows of ``rlrr/configs/published/<suite>.csv``: method, backbone, params_m, source, printed mean and
     per-task top-1 (floats), plus ``plain`` (task mean) and, for VTAB-1k, ``groups`` (mean of group means)."""
     path = PUBLISHED_DIR / f"{suite}.csv"
     if not path.is_file():
+        if suite in ("vtab1k", "fgvc"):  # the package ships both: their absence is a broken install
+            raise FileNotFoundError(f"{path} (published results) is missing from the installed rlrr; reinstall it")
         return []
     tasks = list(VTAB) if suite == "vtab1k" else list(FGVC)
     rows = []
@@ -68,7 +69,7 @@ if __name__ == "__main__":
 
 
 def study_markdown(name: str) -> tuple[str, str]:
-    """A study's published table (``configs/published/study_<name>.csv``) as markdown, and its source;
+    """A study's published table (``rlrr/configs/published/study_<name>.csv``) as markdown, and its source;
     ('', '') when the paper has no numbers for it (Fig. 2 is a plot)."""
     path = PUBLISHED_DIR / f"study_{name}.csv"
     if not path.is_file():

@@ -10,8 +10,10 @@ request never stops the loop.
 Overload: the queue holds at most ``max_queue`` images and at most ``max_queue + max_batch`` requests are
 in progress (bodies read, images decoded); past either, or when the queued work (at the last batch's
 pace) would outlast ``timeout_s``, a request is answered at once with 503 and ``Retry-After`` (never
-dropped, never left hanging), and a request not answered within ``timeout_s`` gets 503 too.  Operations: ``/healthz`` (the process answers), ``/readyz`` (backbone loaded and at least one
-task), ``/metrics`` (Prometheus).  With a ``token``, management routes (``POST /v1/tasks/rescan``) need
+dropped, never left hanging), and a request not answered within ``timeout_s`` gets 503 too.
+
+Operations: ``/healthz`` (the process answers), ``/readyz`` (backbone loaded and at least one task),
+``/metrics`` (Prometheus).  With a ``token``, management routes (``POST /v1/tasks/rescan``) need
 ``Authorization: Bearer <token>``, and so does inference when ``protect_inference`` is set.
 
 Tasks are the ``*.safetensors`` files of the adapters folder, named by file stem, plus any ``--adapter
@@ -287,7 +289,8 @@ def create_app(service: Service):
             image = await asyncio.to_thread(decode, data, service.transform)
         except DataError as e:
             return error(413 if "decompression-bomb" in str(e) else 400, f"field 'image': {e}"), task
-        wait = (service.queue.qsize() // service.max_batch + 1.5) * service.batch_s  # half the running batch (on average), those queued, its own
+        # the queued work at the last batch's pace: half the running batch (on average), those queued, its own
+        wait = (service.queue.qsize() // service.max_batch + 1.5) * service.batch_s
         if wait > service.timeout_s:  # it would only time out: say so now, not after timeout_s
             return busy(f"the service is at capacity (about {wait:.0f} s of queued work)"), task
         job = Job(image, task, asyncio.get_running_loop().create_future())

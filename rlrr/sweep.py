@@ -161,8 +161,9 @@ class Sweep:
         from optuna.trial import TrialState
         with self.lock:
             trials = study.get_trials(deepcopy=False)
+            owners = self.out / "owners"
             for t in trials:
-                if t.state == TrialState.RUNNING and not held_elsewhere(self.out / "owners" / f"{t.user_attrs.get('owner')}.lock"):
+                if t.state == TrialState.RUNNING and not held_elsewhere(owners / f"{t.user_attrs.get('owner')}.lock"):
                     study.tell(t.number, state=TrialState.FAIL)  # cut off by a kill: no "error" attribute
             trials = study.get_trials(deepcopy=False)
             if not any(t.state == TrialState.WAITING for t in trials):  # else: one asked by a killed claim first

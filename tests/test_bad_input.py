@@ -8,12 +8,10 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from fixtures import digit_images, make_folder, make_vtab
+from fixtures import make_folder, make_vtab
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_hardening import CFG, TINY, err_line, train

@@ -42,9 +42,9 @@ def test_left_only_without_residual_is_exactly_s_l_times_w():
 
 
 @pytest.mark.parametrize("variant,expected", [
-    (dict(scales="right"), lambda W, l, r: W + W * r[None, :]),
-    (dict(residual=False), lambda W, l, r: W * torch.outer(l, r)),
-    (dict(form="additive"), lambda W, l, r: W + torch.outer(l, r)),
+    (dict(scales="right"), lambda W, left, r: W + W * r[None, :]),
+    (dict(residual=False), lambda W, left, r: W * torch.outer(left, r)),
+    (dict(form="additive"), lambda W, left, r: W + torch.outer(left, r)),
 ])
 def test_linear_variants_match_their_formula(variant, expected):
     torch.manual_seed(1)

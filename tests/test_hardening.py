@@ -17,7 +17,6 @@ import rlrr
 from rlrr.cli import main
 from rlrr.data import DataError, build_data
 from rlrr.data.images import open_rgb
-from rlrr.engine import trainer as trainer_mod
 from rlrr.engine.trainer import run_lock
 
 TINY = ["--model", "vit_pico_patch4_32", "--weights", "none", "--no-progress", "--batch-size", "8",

@@ -4,7 +4,6 @@ random members of many architecture families (no downloads)."""
 import re
 
 import pytest
-import timm
 import torch
 from conftest import applied, one_step, rel, round_trip, tiny
 from torch import nn
@@ -16,7 +15,8 @@ from rlrr.backbones.discover import DiscoveryError, discover
 # must find exactly these.  ViT's patch embedding is rescaled at its projection (the same function).
 HAND = {
     "vit": (r"blocks\.\d+\.(attn\.(qkv|q|k|v|proj)|mlp\.fc[12])", r"blocks\.\d+\.norm[12]|patch_embed\.proj|norm|fc_norm"),
-    "swin": (r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])", r"layers\.\d+\.blocks\.\d+\.norm[12]|patch_embed\.norm|norm"),
+    "swin": (r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",
+             r"layers\.\d+\.blocks\.\d+\.norm[12]|patch_embed\.norm|norm"),
     "convnext": (r"stages\.\d+\.blocks\.\d+\.(conv_dw|mlp\.fc[12])", r"stages\.\d+\.blocks\.\d+\.norm|stem\.1|head\.norm"),
     "resnet": (r"layer\d\.\d+\.(conv\d|downsample\.0)", r"layer\d\.\d+\.bn\d|bn1"),
 }

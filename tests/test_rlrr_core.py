@@ -1,5 +1,4 @@
 """RLRR core: the layer formula, qkv grouping, merge, parameter count, adapters, gradients."""
-import math
 import os
 import subprocess
 import sys

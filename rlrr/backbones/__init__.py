@@ -15,7 +15,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer, _load_weights
 
 from .discover import classifier_modules
-from .hf import PREFIX, create_hf, is_hf, logits_of, reset_hf_classifier
+from .hf import PREFIX, create_hf, is_hf, logits_of, reset_hf_classifier  # noqa: F401 - logits_of: re-exported
 
 
 class BackboneError(RuntimeError):

@@ -139,7 +139,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method config option (repeatable)")
     p.add_argument("--pace", metavar="sigma=S,lambda=L", nargs="?", const="",
                    help="PACE regularisation around the method (rlrr, lora, ssf, adapter, hta)")
-    p.add_argument("--config", help="task YAML (default: configs/<kind>/<task>.yaml when it exists)")
+    p.add_argument("--config", help="task YAML (default: rlrr/configs/<kind>/<task>.yaml when it exists)")
     p.add_argument("--output", required=True, type=path_arg)
     p.add_argument("--num-classes", type=at_least(1))
     p.add_argument("--drop-path", type=float)

@@ -36,7 +36,8 @@ def add_commands(sub) -> None:
     p.add_argument("--methods", default="linear,full,bitfit,ssf,lora,adapter,vpt,rlrr,rlrr+pace,hta,apla", type=comma_list(),
                    help="comma-separated; peft tuners as peft:<tuner> (needs the peft group)")
     p.add_argument("--study", choices=list(STUDIES),
-                   help="an ablation of RLRR's design instead of --methods: " + "; ".join(f"{k}: {v}" for k, v in STUDIES.items()))
+                   help="an ablation of RLRR's design instead of --methods: "
+                        + "; ".join(f"{k}: {v}" for k, v in STUDIES.items()))
     p.add_argument("--seeds", default="0,1,2", type=comma_list(int))
     p.add_argument("--root", help="folder with the suite's task folders (vtab1k, fgvc)")
     p.add_argument("--model", default=None, help="backbone (default: the suite's)")

@@ -39,7 +39,8 @@ def add_commands(sub) -> None:
     add_run_args(p)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in OUTPUT")
-    p.add_argument("--protocol", choices=PROTOCOLS, help="retrain (default), val, test (= --select-on-test), or search (val only, never test)")
+    p.add_argument("--protocol", choices=PROTOCOLS,
+                   help="retrain (default), val, test (= --select-on-test), or search (val only, never test)")
     p.add_argument("--select-on-test", dest="protocol", action="store_const", const="test",
                    help="official practice: keep the best test epoch (optimistic; labelled in results)")
     p.set_defaults(func=cmd_train)

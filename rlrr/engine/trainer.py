@@ -157,9 +157,9 @@ class Trainer:
     def save_checkpoint(self, model, opt, sched, scaler) -> None:
         if self.rank != 0:
             return
-        atomic_write(self.ckpt_path, lambda f: torch.save({"state": json.dumps(self.state), "model": adapter_state(dist.unwrap(model)),
-                     "optim": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
-                     "scaler": scaler.state_dict() if scaler else {}}, f))
+        state = {"state": json.dumps(self.state), "model": adapter_state(dist.unwrap(model)), "optim": opt.state_dict(),
+                 "sched": sched.state_dict(), "rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler else {}}
+        atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
 
     def read_checkpoint(self) -> dict:
         try:
