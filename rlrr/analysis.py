@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .adapter import load_adapter, read_adapter
 from .backbones import checkpoint_num_classes, create_backbone
 from .backbones.discover import discover
+from .files import atomic_write, figure, save_figure
 from .methods.base import MergeError, merge
 
 
@@ -81,12 +82,9 @@ def analyze(model_name: str, weights: str | None, adapters: list[str | Path], k:
 
 def plot(results: dict, out: Path) -> list[Path]:
     """Per-layer curves, one line per adapter, one panel per figure of merit."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     panels = [("rel_change", "‖ΔW‖/‖W‖"), ("sv_top1", "σ'₁/σ₁"), ("align_left", "top-k left alignment"),
               ("update_in_span", "ΔW energy in pretrained top-k span"), ("update_eff_rank", "effective rank of ΔW")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    fig, axes = figure(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for path, res in results["methods"].items():
         if "layers" not in res:
             continue
@@ -102,8 +100,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     fig.suptitle(f"{results['model']}: how each method changes the pretrained weights")
     fig.tight_layout()
     png = out / "svd_analysis.png"
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    save_figure(fig, png)
     return [png]
 
 
@@ -111,7 +108,7 @@ def run_analysis(model_name: str, weights: str | None, adapters: list[str], out:
                  check_fingerprint: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     res = analyze(model_name, weights, adapters, k, check_fingerprint=check_fingerprint)
-    (out / "svd_analysis.json").write_text(json.dumps(res, indent=1))
+    atomic_write(out / "svd_analysis.json", lambda f: f.write(json.dumps(res, indent=1)), "w")
     plot(res, out)
     for path, r in res["methods"].items():
         if "layers" in r:

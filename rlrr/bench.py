@@ -16,7 +16,7 @@ from pathlib import Path
 from .backbones import EMBEDDED_NAME
 from .data.benchmarks import FGVC, VTAB
 from .experiment import plan, run_experiment
-from .files import atomic_write, write_csv
+from .files import atomic_write, figure, save_figure, write_csv
 from .launch import Launcher, launch
 from .published import markdown as markdown_published
 
@@ -65,7 +65,29 @@ def run_bench(suite: str, methods: list[str], seeds: list[int], out: Path, root:
               launcher: Launcher | None = None, **overrides) -> list[dict]:
     rows = run_grid(suite, [Row(m, m) for m in methods], seeds, out, root, model, weights, smoke, launcher, **overrides)
     write_results(rows, out, suite)
+    score_agreement(out, rows)
     return rows
+
+
+def score_agreement(out: Path, rows: list[dict] | None = None) -> dict:
+    """The agreement of a bench's method ranking with the published VTAB-1k one (``rlrr.agreement``), printed
+    and written beside its table (``agreement.md``, ``agreement.json``); without ``rows``, read from
+    ``out/results.csv``, so a finished bench is scored again without training."""
+    from .agreement import agreement, markdown
+    if rows is None:
+        import csv
+        table = out / "results.csv"
+        if not table.is_file():
+            raise FileNotFoundError(f"{table} not found; --agreement-only scores a bench's results folder: pass its "
+                                    "--output")
+        with open(table, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    result = agreement(rows)
+    text = markdown(result)
+    atomic_write(out / "agreement.md", lambda f: f.write(text + "\n"), "w")
+    atomic_write(out / "agreement.json", lambda f: f.write(json.dumps(result, indent=1)), "w")
+    print(f"\n{text}")
+    return result
 
 
 def run_grid(suite: str, rows: list[Row], seeds: list[int], out: Path, root: str | None = None,
@@ -207,10 +229,7 @@ def markdown_table(rows: list[dict], suite: str, published: str | None = None) -
 
 
 def plot_accuracy_vs_params(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = figure(figsize=(5.5, 4))
     for m in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == m]
         params = max(statistics.fmean(r["method_params"] for r in mine), 1)
@@ -221,5 +240,4 @@ def plot_accuracy_vs_params(rows: list[dict], path: Path) -> None:
            ylabel="mean top-1 (%)", title="accuracy vs trainable parameters")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -15,6 +15,7 @@ from .backbones import EMBEDDED_NAME, create_backbone
 from .data import build_data
 from .engine.loop import evaluate
 from .experiment import run_experiment
+from .files import atomic_write, figure, save_figure
 
 METHODS = ("rlrr", "linear")
 
@@ -40,7 +41,7 @@ def run_demo(out: Path, quick: bool = False, task: str = "mnist") -> dict:
     result = {"task": task, "backbone": f"{EMBEDDED_NAME} (fractal-pretrained, shipped)",
               "protocol": "val: best epoch on val200, test once", "untrained_test_acc": untrained,
               "test_size": len(test), "rows": rows}
-    (out / "demo.json").write_text(json.dumps(result, indent=1))
+    atomic_write(out / "demo.json", lambda f: f.write(json.dumps(result, indent=1)), "w")
     _plot(out, list(METHODS))
     print(format_table(result))
     print(f"adapters: {out}/rlrr/adapter.safetensors; curves: {out}/curves.png")
@@ -57,10 +58,7 @@ def format_table(result: dict) -> str:
 
 
 def _plot(out: Path, methods: list[str]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = figure(figsize=(6, 3.6))
     for m in methods:
         hist = [json.loads(line) for line in (out / m / "metrics.jsonl").read_text().splitlines()]
         line, = ax.plot([r["epoch"] for r in hist], [r["val_acc"] for r in hist], marker="o", label=f"{m}: val200")
@@ -70,5 +68,4 @@ def _plot(out: Path, methods: list[str]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, out / "curves.png")

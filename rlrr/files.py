@@ -99,3 +99,16 @@ def held_elsewhere(path: str | Path) -> bool:
         probe.release()
         return False
     return True
+
+
+def figure(*grid: int, figsize: tuple[float, float], **kwargs):
+    """A matplotlib figure and its axes (as ``plt.subplots``), made without pyplot: no global backend is set
+    and no figure is registered, so a caller's own matplotlib session is left as it was."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kwargs)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
+    """A figure as PNG, written atomically like every other output."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))

@@ -82,10 +82,8 @@ def _local_pool(calls: list[Call], workers: int) -> list[tuple[str, str]]:
 
 
 def _submitit(calls: list[Call], launcher: Launcher, logs: Path) -> list[tuple[str, str]]:
-    try:
-        import submitit
-    except ImportError:
-        raise RuntimeError("--launcher slurm needs submitit; pip install 'rlrr[cluster]'") from None
+    from .extras import need
+    submitit = need("cluster", "--launcher slurm", "submitit")
     cluster = launcher.cluster or "slurm"  # never AutoExecutor's guess: it runs the jobs here when Slurm is absent
     if cluster == "slurm" and submitit.SlurmExecutor.affinity() <= 0:
         raise RuntimeError("--launcher slurm: there is no Slurm here (no srun on PATH); run the command on a "

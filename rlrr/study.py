@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 from .bench import Row, run_grid, suite_cells, write_results
+from .files import figure, save_figure
 from .launch import Launcher
 from .published import study_markdown
 
@@ -87,15 +88,12 @@ def seed_means(results: list[dict], label: str) -> list[float]:
 
 def plot_study(name: str, results: list[dict], path: Path) -> None:
     """Mean top-1 per row (± std over seeds); the sites study as Fig. 2: sites as bars, depth as a curve."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     labels = list(dict.fromkeys(r["method"] for r in results))
     stats = {lb: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
              for lb in labels for v in [seed_means(results, lb)]}
     depth = [lb for lb in labels if lb.startswith("depth ")]
     bars = [lb for lb in labels if lb not in depth]
-    fig, axes = plt.subplots(1, 2 if depth else 1, figsize=(10 if depth else 6, 4), squeeze=False)
+    fig, axes = figure(1, 2 if depth else 1, figsize=(10 if depth else 6, 4), squeeze=False)
     ax = axes[0][0]
     ax.bar(range(len(bars)), [stats[b][0] for b in bars], yerr=[stats[b][1] for b in bars], capsize=3)
     ax.set_xticks(range(len(bars)), bars, rotation=30, ha="right", fontsize=8)
@@ -109,5 +107,4 @@ def plot_study(name: str, results: list[dict], path: Path) -> None:
         axes[0][1].set(xlabel="adapted blocks (the first k)", ylabel="mean top-1 (%)", title="adapted depth")
         axes[0][1].grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

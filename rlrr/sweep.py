@@ -31,7 +31,8 @@ from .bench import RUN_OPTIONS, run_cell
 from .config import load_yaml, task_config, task_config_path
 from .engine.trainer import TrainConfig
 from .experiment import plan
-from .files import FileLock, atomic_write, held_elsewhere, write_csv
+from .extras import need
+from .files import FileLock, atomic_write, figure, held_elsewhere, save_figure, write_csv
 from .launch import Launcher, launch
 
 # Supp. Table 3: lr, weight decay, dropout (drop path here), batch size.
@@ -45,10 +46,7 @@ OWNERS: dict[str, FileLock] = {}  # this process's owner lock per sweep worker n
 
 
 def _optuna():
-    try:
-        import optuna
-    except ImportError:
-        raise RuntimeError("rlrr sweep needs Optuna; pip install 'rlrr[sweep]'") from None
+    optuna = need("sweep", "rlrr sweep", "optuna")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
@@ -297,11 +295,8 @@ class Sweep:
         self.plot(trials, best)
 
     def plot(self, trials, best: int) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         keys = list(self.grid)
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+        fig, axes = figure(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
         for ax, key in zip(axes[0], keys):
             for t in trials:
                 val = t.value if t.value is not None else max(t.intermediate_values.values(), default=float("nan"))
@@ -315,8 +310,7 @@ class Sweep:
             ax.grid(alpha=0.3)
         fig.suptitle("sweep: val accuracy per trial (red: chosen; grey: pruned, last val)", fontsize=9)
         fig.tight_layout()
-        fig.savefig(self.out / "sweep.png", dpi=90)
-        plt.close(fig)
+        save_figure(fig, self.out / "sweep.png")
 
 
 def trial_state(trial) -> str:

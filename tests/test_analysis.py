@@ -55,7 +55,12 @@ def test_analyze_cli_path_compares_methods(tmp_path):
         paths.append(str(rlrr.save_adapter(m, tmp_path / f"{name}.safetensors")))
     res = run_analysis("vit_pico_patch4_32", str(tmp_path / "base.safetensors"), paths, tmp_path / "out", k=4)
     saved = json.loads((tmp_path / "out" / "svd_analysis.json").read_text())
-    assert saved == json.loads(json.dumps(res))
+    base_w = base.state_dict()["blocks.0.attn.qkv.weight"]
+    merged = rlrr.merge(rlrr.load_adapter(rlrr.create_backbone("vit_pico_patch4_32", weights=tmp_path / "base.safetensors",
+                                                               num_classes=4), paths[0]))
+    moved = float((merged.state_dict()["blocks.0.attn.qkv.weight"] - base_w).norm() / base_w.norm())
+    saved_rlrr = next(r for r in saved["methods"].values() if r["method"] == "rlrr")  # the file, against W' - W itself
+    assert moved > 0.01 and saved_rlrr["layers"]["blocks.0.attn.qkv"]["rel_change"] == pytest.approx(moved, rel=1e-3)
     by = {r["method"]: r for r in res["methods"].values()}
     lora_q = by["lora"]["layers"]["blocks.0.attn.qkv"]
     assert lora_q["update_eff_rank"] <= 16.5  # two rank-8 slices

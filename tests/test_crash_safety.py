@@ -52,26 +52,20 @@ def uninterrupted(tmp_path_factory) -> dict:
     return outcome(out)
 
 
-def test_a_sweep_killed_mid_trial_with_a_relative_output_resumes_to_the_same_choice(uninterrupted, tmp_path,
-                                                                                    monkeypatch):
+def test_a_sweep_killed_mid_trial_and_between_trials_resumes_to_the_same_choice(uninterrupted, tmp_path,
+                                                                                 monkeypatch):
     monkeypatch.chdir(tmp_path)
-    first = tmp_path / "sweep" / "trials" / "lr-0.003"  # the first setting in grid order
-    killed_when(["sweep", *GRID, "--output", "sweep"], tmp_path, first / "checkpoint.pt")  # after its epoch 1
-    assert not (tmp_path / "sweep" / "sweep.json").exists()
-    # as if the kill had also hit inside a journal write: a torn record without its newline
-    with open(tmp_path / "sweep" / "optuna.journal", "ab") as f:
+    out = tmp_path / "sweep"
+    first = out / "trials" / "lr-0.003"  # the first setting in grid order
+    killed_when(["sweep", *GRID, "--output", "sweep"], tmp_path, first / "checkpoint.pt")  # relative, after epoch 1
+    assert not (out / "sweep.json").exists()
+    killed_when(["sweep", *GRID, "--output", str(out)], tmp_path, out / "trials" / "lr-0.03")  # absolute, next trial
+    # as if a kill had also hit inside a journal write: a torn record without its newline
+    with open(out / "optuna.journal", "ab") as f:
         f.write(b'{"op_code": 6, "worker_id": "x", "trial_id": 0, "par')
     assert main(["sweep", *GRID, "--output", "sweep"]) == 0
-    assert outcome(tmp_path / "sweep") == uninterrupted
-    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["trials"]["cut off"] == 1
-
-
-def test_a_sweep_killed_between_trials_resumes_to_the_same_choice(uninterrupted, tmp_path):
-    out = tmp_path / "sweep"
-    second = out / "trials" / "lr-0.03"
-    killed_when(["sweep", *GRID, "--output", str(out)], tmp_path, second)
-    assert main(["sweep", *GRID, "--output", str(out)]) == 0
     assert outcome(out) == uninterrupted
+    assert json.loads((out / "sweep.json").read_text())["trials"]["cut off"] >= 1
 
 
 def test_a_damaged_journal_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys):
@@ -166,3 +160,9 @@ def test_a_pretraining_killed_after_any_epoch_continues_to_the_same_weights(tmp_
     assert main([*args, "--output", str(out)]) == 0 and "is finished" in capsys.readouterr().out
     assert main([*args[:-1], "2", "--output", str(out)]) == 2  # other settings: refused, named
     assert "warmup_epochs=1 (now 2)" in err_line(capsys)
+
+
+def test_a_missing_extra_is_one_line_naming_the_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # None in sys.modules: Python's own "cannot import"
+    assert main(["sweep", *GRID, "--output", "unused"]) == 2
+    assert err_line(capsys) == "error: rlrr sweep needs the sweep extra (optuna is not installed); pip install 'rlrr[sweep]'"

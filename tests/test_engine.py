@@ -183,3 +183,16 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["world_size"] == 2
+
+
+def test_plots_leave_the_callers_matplotlib_alone_and_are_whole_files(tmp_path):
+    import matplotlib
+    matplotlib.use("svg")  # a caller's own backend choice
+    import matplotlib.pyplot as plt
+    from rlrr.engine.report import plot_history
+    history = [{"phase": "train", "epoch": e, "train_loss": 1 / (e + 1), "train_acc": 10 * e, "val_loss": 1.0,
+                "val_acc": 5 * e, "lr": 1e-3} for e in range(3)]
+    plot_history(history, tmp_path / "curves.png", "t")
+    assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]  # no temp file left

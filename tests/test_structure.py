@@ -185,3 +185,15 @@ def test_weight_standardised_convs_are_refused_naming_them():
     with pytest.raises(DiscoveryError, match=re.escape("StdConv2d")) as e:
         rlrr.apply(model, rlrr.RLRRConfig())
     assert "\n" not in str(e.value) and "targets=" in str(e.value)
+
+
+def test_a_failed_structural_trace_is_a_warning_saying_what_was_skipped(caplog):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                              embed_dim=48, depth=2, num_heads=3)
+
+    def broken(x):
+        raise RuntimeError("this forward needs an extra argument")
+    model.forward = broken  # as a model whose forward cannot run on one example image
+    assert trace(model) is None
+    assert "structural trace of VisionTransformer failed (RuntimeError: this forward needs an extra argument)" \
+        in caplog.text and "targets=REGEX" in caplog.text

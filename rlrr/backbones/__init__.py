@@ -5,6 +5,7 @@ transformers') business.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from timm.models.vision_transformer import VisionTransformer, _load_weights
 
 from .discover import classifier_modules
 from .hf import PREFIX, create_hf, is_hf, logits_of, reset_hf_classifier  # noqa: F401 - logits_of: re-exported
+
+log = logging.getLogger(__name__)
 
 
 class BackboneError(RuntimeError):
@@ -188,8 +191,9 @@ def load_weights(model: torch.nn.Module, path: str | Path, sd: dict[str, torch.T
     if filter_fn is not None:
         try:
             sd = filter_fn(sd, model)
-        except Exception:  # noqa: BLE001 - fall back to the raw keys, checked strictly below
-            pass
+        except Exception as e:  # noqa: BLE001 - fall back to the raw keys, checked strictly below
+            log.warning("timm's checkpoint filter for %s did not take %s (%s: %s); loading its keys as they are",
+                        architecture(model), path, type(e).__name__, (str(e).splitlines() or [""])[0][:120])
     own = model.state_dict()
     head = {f"{n}.{p}" for n, m in model.named_modules() if m is model.get_classifier() for p in ("weight", "bias")}
     sd = {k: v for k, v in sd.items() if not (k in head and k in own and own[k].shape != v.shape)}

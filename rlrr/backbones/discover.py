@@ -25,6 +25,7 @@ The four families written by hand before (ViT/DeiT, Swin, ConvNeXt, ResNet) are 
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ import torch
 from torch import nn
 
 from .hf import config_input_size
+
+log = logging.getLogger(__name__)
 
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
@@ -241,7 +244,11 @@ def trace(model: nn.Module) -> Trace | None:
             names = [n for n in outs if n]
             grads = torch.autograd.grad(logits.float().sum(), [outs[n] for n in names], allow_unused=True) \
                 if names and logits.requires_grad else [0] * len(names)
-    except Exception:  # noqa: BLE001 - any failure just means: fall back to registration order
+    except Exception as e:  # noqa: BLE001 - any failure: fall back to registration order, and say what that skips
+        log.warning("the structural trace of %s failed (%s: %s); its layers are taken in registration order, without "
+                    "the checks that each reaches the logits and that norms only scale their input: pass --method-opt "
+                    "targets=REGEX to choose the layers yourself", type(model).__name__, type(e).__name__,
+                    (str(e).splitlines() or [""])[0][:120])
         return None
     finally:
         for h in hooks:

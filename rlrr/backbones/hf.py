@@ -8,6 +8,7 @@ an output object; ``logits_of`` takes the logits from it (timm models return the
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 PREFIX = "hf:"
+log = logging.getLogger(__name__)
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes in HF processor configs
 
 
@@ -40,12 +42,8 @@ class LogitsOnly(nn.Module):
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        from . import BackboneError
-        raise BackboneError("hf: models need transformers; pip install 'rlrr[hf]'") from None
-    return transformers
+    from ..extras import need
+    return need("hf", "hf: models", "transformers")
 
 
 def data_cfg(source: str, config) -> dict:
@@ -55,6 +53,9 @@ def data_cfg(source: str, config) -> dict:
         proc = t.AutoImageProcessor.from_pretrained(source)
     except Exception:  # noqa: BLE001 - no processor saved (e.g. a random test model): use the model config
         proc = None
+        log.warning("hf:%s has no image processor (preprocessor_config.json): images are normalised with mean and "
+                    "std 0.5 at the config's image_size; save the processor beside the model if it was trained "
+                    "otherwise", source)
     channels, side_h, side_w = config_input_size(config)
     size = getattr(proc, "crop_size", None) or getattr(proc, "size", None) or {}
     h = size.get("height") or size.get("shortest_edge") or side_h

@@ -127,14 +127,11 @@ def cmd_export(args) -> Path:
     if getattr(model, "rlrr_method", None):
         model = merge(model)
     size = data_config(model)["input_size"]
-    try:
-        torch.onnx.export(LogitsOnly(model), (torch.randn(1, *size),), str(out), input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                          dynamo=False)
-    except Exception as e:  # noqa: BLE001 - torch reports a missing onnx package in several ways
-        if "onnx" in str(e).lower() and "install" in str(e).lower():
-            raise RuntimeError("ONNX export needs the onnx package; pip install 'rlrr[onnx]'") from None
-        raise
+    from ..extras import need
+    need("onnx", "ONNX export", "onnx")  # checked first: torch says a missing onnx in several ways
+    torch.onnx.export(LogitsOnly(model), (torch.randn(1, *size),), str(out), input_names=["image"],
+                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)
     print(f"exported merged {args.model} to {out}")
     return out
 

@@ -11,10 +11,9 @@ TOKEN_ENV = "RLRR_SERVE_TOKEN"
 
 
 def cmd_serve(args) -> None:
-    try:
-        from ..serve import Service, serve  # FastAPI, uvicorn and prometheus_client: the [serve] extra
-    except ImportError:
-        raise RuntimeError("rlrr serve needs the serve extra; pip install 'rlrr[serve]'") from None
+    from ..extras import need
+    need("serve", "rlrr serve", "fastapi", "uvicorn", "multipart", "prometheus_client")
+    from ..serve import Service, serve
     from ..bank import AdapterBank
     from ..data.transforms import eval_transform
     folder = Path(args.adapters) if args.adapters else None

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..files import figure, save_figure
+
 
 def plot_history(history: list[dict], path: Path, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_l, ax_a) = figure(1, 2, figsize=(10, 3.6))
     for phase in dict.fromkeys(r["phase"] for r in history):
         rows = [r for r in history if r["phase"] == phase]
         ep = [r["epoch"] for r in rows]
@@ -25,5 +24,4 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -46,11 +46,8 @@ class PeftMethodConfig:
 
 
 def _peft():
-    try:
-        import peft
-    except ImportError:
-        raise ValueError("peft: methods need peft; pip install 'rlrr[peft]'") from None
-    return peft
+    from ..extras import need
+    return need("peft", "peft: methods", "peft")
 
 
 def peft_config(model: nn.Module, cfg: PeftMethodConfig):
