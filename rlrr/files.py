@@ -90,8 +90,9 @@ class FileLock:
             self.release()
 
 
-def held_elsewhere(path: str | Path) -> bool:
-    """Whether another live process holds the lock at ``path`` (a missing file: nobody does)."""
+def lock_held(path: str | Path) -> bool:
+    """Whether a live process holds the lock at ``path`` (this one too, through another ``FileLock``; a missing
+    file: nobody does)."""
     if not Path(path).exists():
         return False
     probe = FileLock(path, blocking=False)

@@ -32,14 +32,15 @@ from .config import load_yaml, task_config, task_config_path
 from .engine.trainer import TrainConfig
 from .experiment import plan
 from .extras import need
-from .files import FileLock, atomic_write, figure, held_elsewhere, save_figure, write_csv
+from .files import FileLock, atomic_write, figure, lock_held, save_figure, write_csv
 from .launch import Launcher, launch
 
 # Supp. Table 3: lr, weight decay, dropout (drop path here), batch size.
 PAPER_GRID: dict[str, list] = {"lr": [0.2, 0.1, 0.05, 0.01, 0.005, 0.001, 0.0001],
                                "weight_decay": [0.05, 0.01, 0.005, 0.001, 0.0],
                                "drop_path": [0.0, 0.1, 0.3, 0.5, 0.7], "batch_size": [256, 128, 32]}
-NOT_SEARCHED = {"protocol", "seed", "device", "progress", "num_workers", "eval_batch_size", "deterministic"}
+NOT_SEARCHED = {"protocol", "seed", "device", "progress", "num_workers", "eval_batch_size", "deterministic",
+                "grad_checkpointing", "compile"}
 TASK_KEYS = ("drop_path", "aug", "num_classes")  # run options a task YAML holds itself
 SEARCHABLE = tuple(f.name for f in fields(TrainConfig) if f.name not in NOT_SEARCHED) + ("drop_path",)
 OWNERS: dict[str, FileLock] = {}  # this process's owner lock per sweep worker name, held until it exits
@@ -161,7 +162,7 @@ class Sweep:
             trials = study.get_trials(deepcopy=False)
             owners = self.out / "owners"
             for t in trials:
-                if t.state == TrialState.RUNNING and not held_elsewhere(owners / f"{t.user_attrs.get('owner')}.lock"):
+                if t.state == TrialState.RUNNING and not lock_held(owners / f"{t.user_attrs.get('owner')}.lock"):
                     study.tell(t.number, state=TrialState.FAIL)  # cut off by a kill: no "error" attribute
             trials = study.get_trials(deepcopy=False)
             if not any(t.state == TrialState.WAITING for t in trials):  # else: one asked by a killed claim first

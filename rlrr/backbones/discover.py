@@ -325,6 +325,13 @@ def discover(model: nn.Module) -> Structure:
     return kept[1]
 
 
+def blocks_of(model: nn.Module) -> tuple[str, ...]:
+    """The blocks of ``model``, also after a method wrapped its layers: a method's wrappers replace layers
+    inside blocks, never blocks, so the structure found before (kept on the model) still names them."""
+    kept = model.__dict__.get("_rlrr_structure")
+    return kept[1].blocks if kept is not None else discover(model).blocks
+
+
 def _discover(model: nn.Module) -> Structure:
     seen = trace(model)
     order = seen.order if seen is not None else None

@@ -148,9 +148,18 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     for name, typ in TRAIN_VALUES:
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
     p.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    add_execution_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--deterministic", action="store_true", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def add_execution_args(p: argparse.ArgumentParser) -> None:
+    """How training runs (not what it computes): shared by train, sweep and bench."""
+    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute each block's activations in backward: much less memory, about one more forward")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the model (default backend inductor; aot_eager needs no C++ compiler)")
 
 
 TRAIN_VALUES = (("epochs", int), ("warmup_epochs", int), ("lr", float), ("weight_decay", float), ("batch_size", int),

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_launcher_args, add_run_args, at_least, comma_list, launcher_of, path_arg, run_choice
+from .common import add_execution_args, add_launcher_args, add_run_args, at_least, comma_list, launcher_of, path_arg, run_choice
 
 
 def cmd_bench(args) -> list | dict:
     if args.agreement_only:
         from ..bench import score_agreement
         return score_agreement(Path(args.output))
-    settings = dict(epochs=args.epochs, protocol=args.protocol)
+    settings = dict(epochs=args.epochs, protocol=args.protocol, grad_checkpointing=args.grad_checkpointing,
+                    compile=args.compile)
     if args.study:
         from ..study import run_study
         return run_study(args.study, args.suite, args.seeds, Path(args.output), args.root, args.model, args.weights,
@@ -49,6 +50,7 @@ def add_commands(sub) -> None:
     p.add_argument("--protocol", choices=[x for x in PROTOCOLS if x != "search"], default=None)
     p.add_argument("--smoke", action="store_true", help="one task, one epoch, the first seed: a CI-sized check")
     p.add_argument("--output", default="runs/bench", type=path_arg)
+    add_execution_args(p)
     p.add_argument("--agreement-only", action="store_true",
                    help="train nothing: score the finished bench in --output against the published VTAB-1k ranking")
     add_launcher_args(p)

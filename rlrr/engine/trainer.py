@@ -31,13 +31,16 @@ from ..files import FileLock, atomic_write, write_csv
 from ..methods.base import summary, trainable_parameters
 from . import distributed as dist
 from ..methods.base import cross_entropy
+from .checkpointing import enable_grad_checkpointing
+from .compile import compiled
 from .loop import NonFiniteLoss, StepConfig, evaluate, train_one_epoch
 from .optim import build_optimizer, build_scheduler
 
 PROTOCOLS = ("retrain", "val", "test", "search")
 RUN_FILES = ("checkpoint.pt", "summary.json", "adapter.safetensors", "best_adapter.safetensors", "metrics.jsonl",
              "metrics.csv", "curves.png")
-NOT_SETTINGS = {"progress", "num_workers", "eval_batch_size", "device"}  # may change on --resume
+# may change on --resume: how a run is executed, not what it computes
+NOT_SETTINGS = {"progress", "num_workers", "eval_batch_size", "device", "grad_checkpointing", "compile"}
 
 
 class TrainingStopped(RuntimeError):
@@ -64,6 +67,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     progress: bool = True
     device: str = "auto"
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (memory for time)
+    compile: str = "none"  # a torch.compile backend (inductor, aot_eager, ...) or none
 
     def __post_init__(self) -> None:
         """Every value checked where it enters, with the flag that sets it named."""
@@ -242,7 +247,9 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic)
         model = self.make_model().to(self.device)
-        model = dist.wrap(model, self.device)
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(model)
+        model = compiled(dist.wrap(model, self.device), cfg.compile)
         train_ds = self.splits[train_split]
         steps = math.ceil(len(self.loader(train_ds, True)) / cfg.grad_accum)
         opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
