@@ -167,3 +167,15 @@ def test_a_missing_extra_is_one_line_naming_the_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "optuna", None)  # None in sys.modules: Python's own "cannot import"
     assert main(["sweep", *GRID, "--output", "unused"]) == 2
     assert err_line(capsys) == "error: rlrr sweep needs the sweep extra (optuna is not installed); pip install 'rlrr[sweep]'"
+
+
+def test_two_processes_writing_one_file_at_once_both_succeed(tmp_path):
+    """As two `rlrr merge --output cm.safetensors` at once: each writer renames a whole file of its own."""
+    target = tmp_path / "cm.safetensors"
+    code = ("import sys\nfrom rlrr.files import atomic_write\nfor _ in range(300):\n"
+            "    atomic_write(sys.argv[1], lambda f: f.write(sys.argv[2].encode() * 4096))")
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(target), tag], stderr=subprocess.PIPE, text=True)
+               for tag in ("a", "b")]
+    errors = [w.communicate(timeout=120)[1] for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], errors
+    assert target.read_bytes() in (b"a" * 4096, b"b" * 4096) and not list(tmp_path.glob("*.tmp"))
