@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..adapter import adapter_state, batchnorm_stats, save_adapter
+from ..card import write_card
 from ..files import FileLock, atomic_write, write_csv
 from ..methods.base import summary, trainable_parameters
 from . import distributed as dist
@@ -328,6 +329,7 @@ class Trainer:
             with self.writing():
                 save_adapter(plain, self.out / "adapter.safetensors", self.adapter_meta())
                 plot_history(st["history"], self.out / "curves.png", title=f"{result['method']} on {self.splits.name}")
+                write_card(self.out / "README.md", result)  # the Hub's model card: what the folder holds
                 text = json.dumps(result, indent=1)
                 atomic_write(self.out / "summary.json", lambda f: f.write(text), "w")  # last: marks it finished
         dist.barrier()

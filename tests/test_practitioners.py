@@ -1,6 +1,7 @@
-"""--grad-checkpointing: the same gradients as without it (timm ViT and Swin through timm's switch, an HF
-model through transformers', any other block structure through torch.utils.checkpoint), for RLRR, LoRA,
-SSF and RLRR+PACE (whose noise must be drawn the same in the recomputation), and fewer saved activations."""
+"""Habits practitioners bring. --grad-checkpointing: the same gradients as without it (timm ViT and Swin
+through timm's switch, an HF model through transformers', any other block structure through
+torch.utils.checkpoint), for RLRR, LoRA, SSF and RLRR+PACE (whose noise must be drawn the same in the
+recomputation), and fewer saved activations; --compile; a model card the Hub's own reader takes."""
 import copy
 
 import pytest
@@ -115,3 +116,23 @@ def test_train_with_checkpointing_and_compile_ends_where_plain_training_does(tmp
     assert main([*args, "--output", str(tmp_path / "bad"), "--compile", "no_such_backend"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --compile no_such_backend: not a torch.compile backend here") and "\n" not in err
+
+
+def test_a_trained_run_has_a_model_card_the_hub_reads(tmp_path):
+    from fixtures import make_vtab
+    from huggingface_hub import ModelCard
+    from rlrr.cli import main
+    task = make_vtab(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["train", "--model", "vit_pico_patch4_32", "--weights", "none", "--no-progress", "--batch-size", "8",
+                 "--warmup-epochs", "0", "--epochs", "1", "--data", f"vtab1k:{task}", "--output", str(out)]) == 0
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "rlrr" and card.data.base_model == "timm/vit_pico_patch4_32"
+    assert "rlrr" in card.data.tags and card.data.pipeline_tag == "image-classification"
+    result = card.data.eval_results[0]
+    assert result.metric_type == "accuracy" and result.metric_value == round(summary["test_acc"], 2)
+    extra = card.data.to_dict()["rlrr"]
+    assert extra["method"] == "rlrr" and extra["trainable_params"] == summary["trainable_params"]
+    assert extra["backbone_fingerprint"] == summary["settings"]["backbone_fingerprint"]
+    assert "rlrr.load_adapter(model, \"adapter.safetensors\")" in card.text
