@@ -5,16 +5,18 @@
     ... train ...
     rlrr.save_adapter(model, "adapter.safetensors")
     plain = rlrr.merge(model)  # the untouched timm architecture, zero inference overhead
+    model = rlrr.load_model("vit_base_patch16_224", "ViT-B_16.npz", adapter="adapter.safetensors")  # inference
 """
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
-from .adapter import AdapterMismatchError, load_adapter, save_adapter
+from .adapter import Adapter, AdapterMismatchError, load_adapter, load_model, read_adapter, save_adapter
 from .backbones import BackboneError, create_backbone
 from .bank import AdapterBank
 from .methods.base import MergeError, apply, format_summary, get_method, make_config, merge, summary, trainable_parameters
 from .methods.rlrr import RLRRConfig, RescaledConv2d, RescaledLinear
 from .methods.ssf import SSFConfig
 
-__all__ = ["AdapterBank", "AdapterMismatchError", "BackboneError", "MergeError", "RLRRConfig", "RescaledConv2d", "RescaledLinear",
-           "SSFConfig", "apply", "create_backbone", "format_summary", "get_method", "load_adapter", "make_config",
-           "merge", "save_adapter", "summary", "trainable_parameters"]
+__all__ = ["Adapter", "AdapterBank", "AdapterMismatchError", "BackboneError", "MergeError", "RLRRConfig",
+           "RescaledConv2d", "RescaledLinear", "SSFConfig", "apply", "create_backbone", "format_summary", "get_method",
+           "load_adapter", "load_model", "make_config", "merge", "read_adapter", "save_adapter", "summary",
+           "trainable_parameters"]

@@ -39,7 +39,7 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_metadata(model: torch.nn.Module) -> dict[str, str]:
-    from . import __version__
+    from .version import __version__
     cfg = getattr(model, "rlrr_config", None)
     return {"format": FORMAT, "method": getattr(model, "rlrr_method", None) or "none",
             "config": json.dumps(dataclasses.asdict(cfg) if cfg is not None else {}),
@@ -87,6 +87,55 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, meta
 
 
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """An adapter file read once (and checked, by ``read_adapter``): its tensors and what its metadata says,
+    passed to everything that needs either instead of reading the file again."""
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Adapter":
+        return cls(Path(path), *read_adapter(path))
+
+    @property
+    def input_size(self) -> list[int] | None:
+        """(channels, height, width) the adapter was trained at, when it recorded it."""
+        return json.loads(self.meta.get("input_size", "null"))
+
+    def class_names(self, num_classes: int) -> list[str]:
+        return class_names(self.meta, num_classes)
+
+
+def load_model(name: str, weights: str | Path | None = "pretrained", adapter: str | Path | Adapter | None = None,
+               img_size: int | None = None, check_fingerprint: bool = True) -> torch.nn.Module:
+    """The one way a model for inference is made: a backbone (``weights``: as ``create_backbone``) built once,
+    with the class count and input size decided first — the adapter's head and the size it was trained at
+    (unless ``img_size`` is given), or for a merged checkpoint its own classifier — then the adapter
+    (a path or an ``Adapter`` already read) applied.  Used by the CLI, the analysis and the bank."""
+    from .backbones import checkpoint_num_classes, create_backbone
+    if adapter is not None and not isinstance(adapter, Adapter):
+        adapter = Adapter.read(adapter)
+    kw = {"img_size": img_size} if img_size else {}
+    if adapter is not None:
+        kw["num_classes"] = checkpoint_num_classes(name, adapter.tensors)
+        trained_at = adapter.input_size
+        if trained_at and not img_size and not name.startswith("hf:") and timm_input_size(name) != trained_at:
+            kw["img_size"] = tuple(trained_at[1:])
+    model = create_backbone(name, weights=weights, **kw)
+    if adapter is not None:
+        model = load_adapter(model, adapter, check_fingerprint=check_fingerprint)
+    return model.eval()
+
+
+def timm_input_size(name: str) -> list[int] | None:
+    """The input size timm builds ``name`` at by default, read from its config (nothing is built)."""
+    import timm
+    cfg = timm.models.get_pretrained_cfg(name)
+    return list(cfg.input_size) if cfg is not None and getattr(cfg, "input_size", None) else None
+
+
 def class_names(meta: dict[str, str], num_classes: int) -> list[str]:
     """The class names an adapter's metadata recorded (by class id), or the ids as text where it recorded
     none (or names that do not fit its head)."""
@@ -94,12 +143,14 @@ def class_names(meta: dict[str, str], num_classes: int) -> list[str]:
     return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
-def load_adapter(model: torch.nn.Module, path: str | Path, check_fingerprint: bool = True) -> torch.nn.Module:
-    """Load an adapter; applies its method first if the model is a plain backbone. Returns the model.
+def load_adapter(model: torch.nn.Module, path: str | Path | Adapter, check_fingerprint: bool = True) -> torch.nn.Module:
+    """Load an adapter (a file, or an ``Adapter`` already read); applies its method first if the model is a
+    plain backbone. Returns the model.
 
     ``check_fingerprint``: refuse backbone weights other than those the adapter was trained on.
     """
-    tensors, meta = read_adapter(path)
+    adapter = path if isinstance(path, Adapter) else Adapter.read(path)
+    path, tensors, meta = adapter.path, adapter.tensors, adapter.meta
     trained_at = json.loads(meta.get("input_size", "null"))
     runs_at = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
     if trained_at and runs_at and list(runs_at) != trained_at and meta["backbone"] != architecture(model):

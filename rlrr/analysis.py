@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .adapter import load_adapter, read_adapter
+from .adapter import Adapter, load_adapter
 from .backbones import checkpoint_num_classes, create_backbone
 from .backbones.discover import discover
 from .files import atomic_write, figure, save_figure
@@ -65,10 +65,11 @@ def analyze(model_name: str, weights: str | None, adapters: list[str | Path], k:
             progress: bool = True, check_fingerprint: bool = True) -> dict:
     results = {"model": model_name, "topk": k, "methods": {}}
     for path in adapters:
-        tensors, meta = read_adapter(path)
-        model = create_backbone(model_name, weights=weights, num_classes=checkpoint_num_classes(model_name, tensors))
-        before = adapted_matrices(model)
-        model = load_adapter(model, path, check_fingerprint)
+        adapter = Adapter.read(path)
+        meta = adapter.meta
+        model = create_backbone(model_name, weights=weights, num_classes=checkpoint_num_classes(model_name, adapter.tensors))
+        before = adapted_matrices(model)  # the plain weights first, then the same model adapted
+        model = load_adapter(model, adapter, check_fingerprint)
         try:
             after = adapted_matrices(merge(model))
         except MergeError as e:

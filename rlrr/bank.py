@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import AdapterMismatchError, class_names, load_adapter, read_adapter
+from .adapter import Adapter, AdapterMismatchError, class_names, load_adapter
 from .backbones import architecture, checkpoint_num_classes, fingerprint, set_num_classes
 from .backbones.discover import affine_of, channel_dim, classifier_modules, input_only_via_affine, is_weight_layer
 from .methods.base import replace
@@ -315,7 +315,8 @@ class AdapterBank(nn.Module):
     def add(self, name: str, path: str | Path, check_fingerprint: bool = True) -> Task:
         if name in self.tasks:
             raise ValueError(f"task {name!r} is already in the bank; remove it first")
-        tensors, meta = read_adapter(path)
+        adapter = Adapter.read(path)
+        tensors, meta = adapter.tensors, adapter.meta
         method = meta["method"].removesuffix("+pace")  # PACE only regularises training
         if method not in SERVABLE:
             raise AdapterMismatchError(f"{path}: {meta['method']} adapters cannot be served per sample (the bank "
@@ -324,7 +325,7 @@ class AdapterBank(nn.Module):
         set_num_classes(plain, checkpoint_num_classes(architecture(plain), tensors) or 1)  # the task's own head
         plain.backbone_fingerprint = self.fingerprint  # the head does not count: no need to hash it again
         try:
-            adapted = load_adapter(plain, path, check_fingerprint=check_fingerprint).eval()
+            adapted = load_adapter(plain, adapter, check_fingerprint=check_fingerprint).eval()
         except AdapterMismatchError as e:
             raise AdapterMismatchError(f"{e} (bank backbone {architecture(self.model)})") from None
         frozen = {n: m.base if isinstance(m, Site) else m for n, m in self.model.named_modules()}

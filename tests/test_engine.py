@@ -196,3 +196,37 @@ def test_plots_leave_the_callers_matplotlib_alone_and_are_whole_files(tmp_path):
     assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]  # no temp file left
+
+
+def test_inference_commands_read_each_file_once_and_build_once(tmp_path, monkeypatch, capsys):
+    """The one loading path: an adapter (or a merged checkpoint) is read once and the backbone built once,
+    with the class count and the input size (an adapter trained at 48 px) decided before building."""
+    import timm
+    from rlrr import adapter as adapter_mod
+    from rlrr import backbones
+    model = rlrr.apply(rlrr.create_backbone("vit_pico_patch4_32", num_classes=4, img_size=48), rlrr.RLRRConfig())
+    path = rlrr.save_adapter(model, tmp_path / "a.safetensors", {"class_names": json.dumps(list("wxyz"))})
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in rlrr.merge(model).state_dict().items()}, str(tmp_path / "m.safetensors"))
+    images = tmp_path / "imgs"
+    images.mkdir()
+    from PIL import Image
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(images / "0.png")
+    counts = {"adapter": 0, "state_dict": 0, "create": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            counts[name] += 1
+            return fn(*a, **k)
+        return wrapper
+    monkeypatch.setattr(adapter_mod, "read_adapter", counted("adapter", adapter_mod.read_adapter))
+    monkeypatch.setattr(backbones, "read_state_dict", counted("state_dict", backbones.read_state_dict))
+    monkeypatch.setattr(timm, "create_model", counted("create", timm.create_model))
+    assert main(["predict", "--adapter", str(path), "--images", str(images), "--output", str(tmp_path / "p.csv")]) == 0
+    assert counts == {"adapter": 1, "state_dict": 1, "create": 1}  # the shipped backbone's weights, once
+    assert (tmp_path / "p.csv").read_text().splitlines()[1].split(",")[1] in "wxyz"  # names from the one read
+    counts.update(adapter=0, state_dict=0, create=0)
+    assert main(["predict", "--weights", str(tmp_path / "m.safetensors"), "--img-size", "48", "--images", str(images),
+                 "--output", str(tmp_path / "q.csv")]) == 0
+    assert counts == {"adapter": 0, "state_dict": 1, "create": 1}  # its own 4-class head, from the one read
+    assert len((tmp_path / "q.csv").read_text().splitlines()[1].split(",")) == 1 + 2 * 4

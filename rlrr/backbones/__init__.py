@@ -16,13 +16,10 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer, _load_weights
 
 from .discover import classifier_modules
+from .errors import BackboneError
 from .hf import PREFIX, create_hf, is_hf, logits_of, reset_hf_classifier  # noqa: F401 - logits_of: re-exported
 
 log = logging.getLogger(__name__)
-
-
-class BackboneError(RuntimeError):
-    """A backbone or its weights could not be set up; the message says how to fix it."""
 
 
 def architecture(model: torch.nn.Module) -> str:
@@ -214,6 +211,8 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
 
     ``weights``: a local file (.safetensors / .pth / .bin / Google .npz); ``"pretrained"`` for timm's
     own mechanism (Hugging Face cache or download); ``None`` / ``"none"`` for random init (tests only).
+    ``num_classes`` None: the classifier of a local weights file when it has one (a merged model keeps
+    its head), else the architecture's default.
     The embedded backbone's ``"pretrained"`` is the fractal checkpoint shipped with the package.
     """
     if name.startswith(PREFIX):
@@ -232,6 +231,8 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
             local = weights is not None and str(weights).lower() != "none"
             weights = weights_file(weights) if local else weights
             sd = read_state_dict(weights) if local and Path(weights).suffix != ".npz" and Path(weights).is_file() else None
+            if num_classes is None and sd is not None and checkpoint_num_classes(name, sd):
+                kwargs["num_classes"] = checkpoint_num_classes(name, sd)  # a merged model keeps its own head
             model = timm.create_model(name, pretrained=False, **kwargs)
             if sd is not None and "global_pool" not in kwargs and pooled_by_average(model, sd):
                 model = timm.create_model(name, pretrained=False, global_pool="avg", **kwargs)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import BackboneError
+
 PREFIX = "hf:"
 log = logging.getLogger(__name__)
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes in HF processor configs
@@ -85,7 +87,6 @@ def create_hf(source: str, weights: str | Path | None, num_classes: int | None, 
     ``weights``: "pretrained" (the folder's / cache's weights), None / "none" (random, from the config).
     A classifier of another size is re-initialised: that is the fine-tuning case.
     """
-    from . import BackboneError
     t = _transformers()
     if weights is not None and str(weights).lower() not in ("none", "pretrained"):
         raise BackboneError(f"hf: models load their own weights from the folder or hub id; drop --weights {weights}")
@@ -131,8 +132,7 @@ def refuse_remote_code(folder: Path) -> None:
     except (OSError, ValueError):
         return  # no or unreadable config: the loader below says so
     if isinstance(config, dict) and config.get("auto_map"):
-        from . import BackboneError
-        raise BackboneError(f"hf:{folder} needs its own code (auto_map in config.json), which rlrr never runs; "
+            raise BackboneError(f"hf:{folder} needs its own code (auto_map in config.json), which rlrr never runs; "
                              "use a checkpoint of a model class that transformers ships")
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..config import load_yaml
@@ -32,27 +31,12 @@ def data_config(model) -> dict:
     return resolve_data_config({}, model=model)
 
 
-def adapted_model(args):
-    """Backbone (+ adapter if given), ready for inference; the class count comes from the adapter's head
-    or, for a merged checkpoint, from the weights file's classifier; the input size from the adapter
-    when it was trained at another --img-size and none is given."""
-    from ..adapter import load_adapter, read_adapter
-    from ..backbones import checkpoint_num_classes, read_state_dict
-    meta, weights = {}, local_weights(args)
-    if args.adapter:
-        tensors, meta = read_adapter(args.adapter)
-    elif weights and weights.suffix != ".npz" and weights.is_file():
-        tensors = read_state_dict(weights)
-    else:
-        tensors = {}
-    model = backbone(args, checkpoint_num_classes(args.model, tensors))
-    trained_at = json.loads(meta.get("input_size", "null"))
-    if trained_at and not args.img_size and list(model.pretrained_cfg["input_size"]) != trained_at:
-        args.img_size = tuple(trained_at[1:])
-        model = backbone(args, checkpoint_num_classes(args.model, tensors))
-    if args.adapter:
-        model = load_adapter(model, args.adapter, check_fingerprint=not args.ignore_fingerprint)
-    return model.eval()
+def adapted_model(args, adapter=None):
+    """Backbone (+ the adapter ``--adapter`` names, or ``adapter`` already read), ready for inference, through
+    the one loading path (``rlrr.adapter.load_model``): class count and input size decided before building."""
+    from ..adapter import load_model
+    return load_model(args.model, None if args.weights == "none" else args.weights, adapter or args.adapter,
+                      args.img_size, check_fingerprint=not args.ignore_fingerprint)
 
 
 def local_weights(args) -> Path | None:

@@ -33,12 +33,13 @@ def cmd_predict(args) -> None:
     from ..data.images import DataError, open_rgb
     from ..data.transforms import eval_transform
     from ..files import atomic_write
-    from ..adapter import class_names, read_adapter
+    from ..adapter import Adapter
     from ..backbones import num_classes_of
     out = not_an_input(output_file(args.output), args)
-    model = adapted_model(args)
+    adapter = Adapter.read(args.adapter) if args.adapter else None  # read once: the model and the class names
+    model = adapted_model(args, adapter)
     n = num_classes_of(model)
-    topk, names = min(args.topk, n), class_names(read_adapter(args.adapter)[1], n) if args.adapter else [str(i) for i in range(n)]
+    topk, names = min(args.topk, n), adapter.class_names(n) if adapter else [str(i) for i in range(n)]
     tf = eval_transform(data_config(model), "none")
     files, skipped = image_files(args.images), []
 
