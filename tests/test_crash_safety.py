@@ -14,7 +14,7 @@ from rlrr.cli import main
 from rlrr.files import FileLock, lock_held
 
 GRID = ["--model", "vit_pico_patch4_32", "--data", "offline:mnist", "--grid", "lr=0.003,0.01,0.03", "--budget", "2",
-        "--epochs", "2", "--no-progress"]
+        "--epochs", "2", "--batch-size", "64", "--no-progress"]
 
 
 def err_line(capsys) -> str:
@@ -135,11 +135,11 @@ def results(out: Path) -> list[dict]:
 
 
 def test_a_bench_killed_mid_cell_resumes_to_the_uninterrupted_table(tmp_path):
-    bench = ["bench", "--suite", "mini", "--smoke", "--methods", "bitfit", "--epochs", "2"]
+    bench = ["bench", "--suite", "mini", "--smoke", "--methods", "linear", "--epochs", "2"]
     ref = tmp_path / "ref"
     assert main([*bench, "--output", str(ref)]) == 0
     out = tmp_path / "killed"
-    killed_when([*bench, "--output", "killed"], tmp_path, out / "mnist" / "bitfit" / "seed0" / "checkpoint.pt")
+    killed_when([*bench, "--output", "killed"], tmp_path, out / "mnist" / "linear" / "seed0" / "checkpoint.pt")
     assert not (out / "results.csv").exists()
     assert main([*bench, "--output", str(out)]) == 0
     assert results(out) == results(ref)
