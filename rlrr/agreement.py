@@ -89,18 +89,44 @@ def method_seed_means(rows: list[dict]) -> dict[str, dict[int, float]]:
     return {m: {s: statistics.fmean(v) for s, v in per.items()} for m, per in cells.items()}
 
 
-def agreement(rows: list[dict], published: dict[str, float] | None = None, draws: int = 1000) -> dict:
-    """Agreement of ``rows`` (task, method, seed, test_acc) with ``published`` (published name -> plain mean;
-    default: the VTAB-1k table's); see the module docstring."""
-    if published is None:
-        from .published import load
-        published = {}
-        for r in load("vtab1k"):
-            published.setdefault(r["method"], r["plain"])
+def vtab_published() -> dict[str, float]:
+    """Published name -> plain 19-task mean, the first row of each name (the RLRR paper's table first)."""
+    from .published import load
+    published: dict[str, float] = {}
+    for r in load("vtab1k"):
+        published.setdefault(r["method"], r["plain"])
+    return published
+
+
+def study_published(name: str) -> dict[str, float]:
+    """A study's published rows (``study_<name>.csv``) as row label -> one score: the mean the table prints
+    (Table 6, FGVC), else the mean of its VTAB-1k group means (Supp. Tables 10-11), else ResNet-50 on
+    CIFAR-100 (Supp. Table 12); {} where the paper gives a plot, not numbers (Fig. 2)."""
+    import csv
+    from .published import PUBLISHED_DIR
+    path = PUBLISHED_DIR / f"study_{name}.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    groups = ("natural", "specialized", "structured")
+    score = (lambda r: float(r["mean"])) if "mean" in rows[0] else \
+        (lambda r: statistics.fmean(float(r[g]) for g in groups)) if "natural" in rows[0] else \
+        (lambda r: float(r["resnet50_cifar100"]))
+    return {r["row"]: score(r) for r in rows}
+
+
+def agreement(rows: list[dict], published: dict[str, float] | None = None, names: dict[str, str] | None = None,
+              draws: int = 1000) -> dict:
+    """Agreement of ``rows`` (task, method, seed, test_acc) with ``published`` (published name -> score;
+    default: the VTAB-1k table's plain means), our names matched through ``names`` (default
+    ``PUBLISHED_NAME``; a study's row labels are the published ones); see the module docstring."""
+    published = vtab_published() if published is None else published
+    names = PUBLISHED_NAME if names is None else names
     per_seed = method_seed_means(rows)
-    matched = [m for m in per_seed if PUBLISHED_NAME.get(m) in published]
-    result = {"methods": [{"method": m, "published_as": PUBLISHED_NAME[m], "mean": statistics.fmean(per_seed[m].values()),
-                           "published": published[PUBLISHED_NAME[m]]} for m in matched],
+    matched = [m for m in per_seed if names.get(m) in published]
+    result = {"methods": [{"method": m, "published_as": names[m], "mean": statistics.fmean(per_seed[m].values()),
+                           "published": published[names[m]]} for m in matched],
               "unmatched": [m for m in per_seed if m not in matched]}
     ours = [x["mean"] for x in result["methods"]]
     pub = [x["published"] for x in result["methods"]]
@@ -120,15 +146,15 @@ def agreement(rows: list[dict], published: dict[str, float] | None = None, draws
     return result
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, against: str = "the published VTAB-1k ranking", unit: str = "methods") -> str:
     """A few lines under a table: the figures, the interval, and what was left out."""
     fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
     if result["n"] < 3:
-        head = (f"Agreement with the published VTAB-1k ranking: not computed ({result['n']} method(s) with a published "
+        head = (f"Agreement with {against}: not computed ({result['n']} {unit} with a published "
                 "row; 3 or more are needed).")
     else:
         ci = result["interval"]
-        head = (f"Agreement with the published VTAB-1k ranking over {result['n']} methods: Spearman ρ "
+        head = (f"Agreement with {against} over {result['n']} {unit}: Spearman ρ "
                 f"{fmt(result['spearman'])}" + (f" (95% bootstrap over seeds {fmt(ci[0])} to {fmt(ci[1])})" if ci else
                                                  " (one seed: no interval)")
                 + f", Kendall τ-b {fmt(result['kendall'])}, pairs ordered as published {fmt(result['pairs'])}.")

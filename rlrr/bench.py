@@ -69,11 +69,12 @@ def run_bench(suite: str, methods: list[str], seeds: list[int], out: Path, root:
     return rows
 
 
-def score_agreement(out: Path, rows: list[dict] | None = None) -> dict:
-    """The agreement of a bench's method ranking with the published VTAB-1k one (``rlrr.agreement``), printed
-    and written beside its table (``agreement.md``, ``agreement.json``); without ``rows``, read from
-    ``out/results.csv``, so a finished bench is scored again without training."""
-    from .agreement import agreement, markdown
+def score_agreement(out: Path, rows: list[dict] | None = None, study: str | None = None) -> dict:
+    """The agreement of a bench's method ranking with the published VTAB-1k one (``rlrr.agreement``), or of a
+    study's row order with its published table, printed and written beside its table (``agreement.md/json``,
+    ``study_<name>_agreement.md/json``); without ``rows``, read from ``out/results.csv``, so a finished bench
+    is scored again without training."""
+    from .agreement import agreement, markdown, study_published
     if rows is None:
         import csv
         table = out / "results.csv"
@@ -82,10 +83,16 @@ def score_agreement(out: Path, rows: list[dict] | None = None) -> dict:
                                     "--output")
         with open(table, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-    result = agreement(rows)
-    text = markdown(result)
-    atomic_write(out / "agreement.md", lambda f: f.write(text + "\n"), "w")
-    atomic_write(out / "agreement.json", lambda f: f.write(json.dumps(result, indent=1)), "w")
+    if study is None:
+        result = agreement(rows)
+        text, name = markdown(result), "agreement"
+    else:
+        published = study_published(study)
+        result = agreement(rows, published, names={label: label for label in published})
+        text = markdown(result, f"the paper's row order for the {study} study", "rows")
+        name = f"study_{study}_agreement"
+    atomic_write(out / f"{name}.md", lambda f: f.write(text + "\n"), "w")
+    atomic_write(out / f"{name}.json", lambda f: f.write(json.dumps(result, indent=1)), "w")
     print(f"\n{text}")
     return result
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .bench import Row, run_grid, suite_cells, write_results
+from .bench import Row, run_grid, score_agreement, suite_cells, write_results
 from .files import figure, save_figure
 from .launch import Launcher
 from .published import study_markdown
@@ -76,6 +76,7 @@ def run_study(name: str, suite: str, seeds: list[int], out: Path, root: str | No
         published += (f"\n\nPublished (not run here; {source}; another backbone and suite, so compare the order "
                       f"of the rows, not the numbers):\n\n{table}")
     write_results(results, out, suite, f"study_{name}", published)
+    score_agreement(out, results, study=name)
     plot_study(name, results, out / f"study_{name}.png")
     return results
 

@@ -46,7 +46,7 @@ def test_agreement_matches_names_leaves_out_what_has_no_row_and_bootstraps_seeds
     text = markdown(res)
     assert "over 4 methods: Spearman ρ 0.40" in text and "No published row: peft:vera." in text
     two = agreement(rows_of({"full": [80], "rlrr": [70]}), published)
-    assert two["spearman"] is None and "not computed (2 method(s)" in markdown(two)
+    assert two["spearman"] is None and "not computed (2 methods" in markdown(two)
 
 
 def test_a_finished_bench_is_scored_again_without_training(tmp_path, capsys):
@@ -62,3 +62,15 @@ def test_a_finished_bench_is_scored_again_without_training(tmp_path, capsys):
     assert "Spearman ρ 1.00 (one seed: no interval)" in capsys.readouterr().out
     assert main(["bench", "--agreement-only", "--output", str(tmp_path / "none")]) == 2
     assert "results.csv not found" in capsys.readouterr().err
+
+
+def test_a_study_is_scored_against_its_published_row_order():
+    from rlrr.agreement import study_published
+    pub = study_published("init")  # Supp. Table 10: the mean of the three VTAB-1k group means per row
+    assert pub["normal"] == pytest.approx((82.9 + 85.4 + 61.4) / 3) and len(pub) == 5
+    assert study_published("sites") == {}  # Fig. 2 is a plot: nothing to score against
+    labels = sorted(pub, key=pub.get)  # rows given in the published order, lowest first
+    rows = rows_of({label: [float(i), float(i) + 0.5] for i, label in enumerate(labels)})
+    res = agreement(rows, pub, names={label: label for label in pub})
+    assert res["n"] == 5 and res["spearman"] == pytest.approx(1.0) and res["pairs"] == pytest.approx(1.0)
+    assert "over 5 rows" in markdown(res, "the paper's row order for the init study", "rows")

@@ -33,6 +33,8 @@ def test_scalings_study_smoke_prints_table_6_and_shares_the_rlrr_cell(tmp_path, 
     for label in ("| left |", "| right + W |", "| both + W (RLRR) |"):
         assert label in text
     assert "Table 6" in text and "| 89.3 | 84.7 | 99.5 | 92.0 | 87.0 | 90.4 | 0.47 |" in text  # the published row
+    assert "Agreement with the paper's row order for the scalings study over 6 rows: Spearman ρ" in text
+    assert json.loads((out / "study_scalings_agreement.json").read_text())["n"] == 6
     md = (out / "study_scalings.md").read_text()
     assert md.count("| 0.0") >= 6 and (out / "study_scalings.png").stat().st_size > 1000
     rlrr_cell = out / "mnist" / "rlrr" / "seed0" / "summary.json"
