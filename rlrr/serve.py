@@ -74,7 +74,8 @@ class Service:
     rescan_s: float = 2.0
     max_queue: int = 64  # images waiting at most; past it: 503 + Retry-After
     timeout_s: float = 30.0  # a request not answered by then: 503
-    token: str | None = None  # management (and, with protect_inference, inference) needs it as a Bearer token
+    # management (and, with protect_inference, inference) needs it as a Bearer token; kept out of repr and logs
+    token: str | None = field(default=None, repr=False)
     protect_inference: bool = False
     queue: asyncio.Queue | None = None
     seen: dict[str, float] = field(default_factory=dict)  # task -> adapter file mtime it was loaded from
