@@ -150,8 +150,7 @@ def load_adapter(model: torch.nn.Module, path: str | Path | Adapter, check_finge
     ``check_fingerprint``: refuse backbone weights other than those the adapter was trained on.
     """
     adapter = path if isinstance(path, Adapter) else Adapter.read(path)
-    path, tensors, meta = adapter.path, adapter.tensors, adapter.meta
-    trained_at = json.loads(meta.get("input_size", "null"))
+    path, tensors, meta, trained_at = adapter.path, adapter.tensors, adapter.meta, adapter.input_size
     runs_at = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
     if trained_at and runs_at and list(runs_at) != trained_at and meta["backbone"] != architecture(model):
         raise AdapterMismatchError(f"{path} was trained on {meta['backbone']} but this model is {architecture(model)}; "

@@ -102,13 +102,10 @@ def study_published(name: str) -> dict[str, float]:
     """A study's published rows (``study_<name>.csv``) as row label -> one score: the mean the table prints
     (Table 6, FGVC), else the mean of its VTAB-1k group means (Supp. Tables 10-11), else ResNet-50 on
     CIFAR-100 (Supp. Table 12); {} where the paper gives a plot, not numbers (Fig. 2)."""
-    import csv
-    from .published import PUBLISHED_DIR
-    path = PUBLISHED_DIR / f"study_{name}.csv"
-    if not path.is_file():
+    from .published import study_table
+    rows = study_table(name)
+    if not rows:
         return {}
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
     groups = ("natural", "specialized", "structured")
     score = (lambda r: float(r["mean"])) if "mean" in rows[0] else \
         (lambda r: statistics.fmean(float(r[g]) for g in groups)) if "natural" in rows[0] else \

@@ -68,14 +68,21 @@ if __name__ == "__main__":
     main()
 
 
-def study_markdown(name: str) -> tuple[str, str]:
-    """A study's published table (``rlrr/configs/published/study_<name>.csv``) as markdown, and its source;
-    ('', '') when the paper has no numbers for it (Fig. 2 is a plot)."""
+def study_table(name: str) -> list[dict]:
+    """A study's published rows (``rlrr/configs/published/study_<name>.csv``) as read; [] when the paper has
+    no numbers for it (Fig. 2 is a plot)."""
     path = PUBLISHED_DIR / f"study_{name}.csv"
     if not path.is_file():
-        return "", ""
+        return []
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def study_markdown(name: str) -> tuple[str, str]:
+    """A study's published table as markdown, and its source; ('', '') when it has none."""
+    rows = study_table(name)
+    if not rows:
+        return "", ""
     head = [k for k in rows[0] if k != "source"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r[k] for k in head) + " |" for r in rows]

@@ -231,8 +231,9 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
             local = weights is not None and str(weights).lower() != "none"
             weights = weights_file(weights) if local else weights
             sd = read_state_dict(weights) if local and Path(weights).suffix != ".npz" and Path(weights).is_file() else None
-            if num_classes is None and sd is not None and checkpoint_num_classes(name, sd):
-                kwargs["num_classes"] = checkpoint_num_classes(name, sd)  # a merged model keeps its own head
+            own_head = checkpoint_num_classes(name, sd) if num_classes is None and sd is not None else None
+            if own_head:
+                kwargs["num_classes"] = own_head  # a merged model keeps its own head
             model = timm.create_model(name, pretrained=False, **kwargs)
             if sd is not None and "global_pool" not in kwargs and pooled_by_average(model, sd):
                 model = timm.create_model(name, pretrained=False, global_pool="avg", **kwargs)
