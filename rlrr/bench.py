@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .backbones import EMBEDDED_NAME
 from .data.benchmarks import FGVC, VTAB
+from .data.offline import parse_task
 from .experiment import plan, run_experiment
 from .files import atomic_write, figure, save_figure, write_csv
 from .launch import Launcher, launch
@@ -27,9 +28,16 @@ MINI_GROUP = {"mnist": "natural", "digits": "natural", "dsprites_loc": "structur
 
 def suite_cells(suite: str, root: str | None, smoke: bool) -> tuple[list[tuple[str, str, str]], str, dict]:
     """(task name, group, data spec) per task, the suite's backbone, and the training settings it fixes."""
-    if suite == "mini":
-        tasks = MINI_TASKS[:1] if smoke else MINI_TASKS
-        cells = [(t, MINI_GROUP[t], f"offline:{t}") for t in tasks]
+    if suite == "mini" or suite.startswith("offline:"):  # or a list of offline specs: offline:mnist:200,offline:...
+        specs = [f"offline:{t}" for t in MINI_TASKS] if suite == "mini" else suite.split(",")
+        cells = []
+        for spec in specs[:1] if smoke else specs:
+            kind, _, where = spec.partition(":")
+            if kind != "offline":
+                raise ValueError(f"--suite {suite}: {spec!r} is not an offline task; a suite of tasks is a "
+                                 "comma-separated list of offline:TASK[:N]")
+            task, n = parse_task(where)
+            cells.append((task if n == 800 else f"{task}@{n}", MINI_GROUP[task], spec))
         settings = {"protocol": "val", "epochs": 1 if smoke else 10, "warmup_epochs": 0 if smoke else 1}
         return cells, EMBEDDED_NAME, settings
     if root is None:
@@ -39,7 +47,7 @@ def suite_cells(suite: str, root: str | None, smoke: bool) -> tuple[list[tuple[s
     elif suite == "fgvc":
         cells = [(t, "fgvc", f"fgvc:{root}/{t}") for t in FGVC]
     else:
-        raise ValueError(f"unknown suite {suite!r}; use mini, vtab1k or fgvc")
+        raise ValueError(f"unknown suite {suite!r}; use mini, vtab1k, fgvc or a list of offline:TASK[:N]")
     return cells, "vit_base_patch16_224", {}
 
 
@@ -77,10 +85,10 @@ def score_agreement(out: Path, rows: list[dict] | None = None, study: str | None
     from .agreement import agreement, markdown, study_published
     if rows is None:
         import csv
-        table = out / "results.csv"
+        table = out / ("results.csv" if study is None else f"study_{study}.csv")
         if not table.is_file():
-            raise FileNotFoundError(f"{table} not found; --agreement-only scores a bench's results folder: pass its "
-                                    "--output")
+            raise FileNotFoundError(f"{table} not found; --agreement-only scores a finished bench's (or --study's) "
+                                    "results folder: pass its --output")
         with open(table, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     if study is None:
@@ -99,18 +107,30 @@ def score_agreement(out: Path, rows: list[dict] | None = None, study: str | None
 
 def run_grid(suite: str, rows: list[Row], seeds: list[int], out: Path, root: str | None = None,
              model: str | None = None, weights: str | None = None, smoke: bool = False,
-             launcher: Launcher | None = None, **overrides) -> list[dict]:
+             launcher: Launcher | None = None, tune: dict[str, list] | None = None, **overrides) -> list[dict]:
     """Every task × row × seed cell of ``suite`` (``smoke``: one task, one epoch, the first seed), run where
-    ``launcher`` says, then read back from the cell folders into one result row per cell."""
+    ``launcher`` says, then read back from the cell folders into one result row per cell.  ``tune`` (a grid,
+    ``sweep.parse_grid(relative=True)``) first chooses each (task, row)'s setting on val with a sweep at the
+    first seed (``<task>/<row>_tuned/tune/``; test is never read), then runs that row's cells with it."""
     cells, suite_model, settings = suite_cells(suite, root, smoke)
     seeds = seeds[:1] if smoke else seeds
     settings = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
     model, weights = model or suite_model, weights or "pretrained"
-    grid = [(task, group, spec, row, seed) for task, group, spec in cells for row in rows for seed in seeds]
-    calls = [dict(cell=out / task / row.folder / f"seed{seed}", label=f"[{n}/{len(grid)}] {task} {row.label} seed {seed}",
-                  model=model, weights=weights, spec=spec, method=row.method, method_opts=row.options or None,
-                  seed=seed, **settings) for n, (task, _, spec, row, seed) in enumerate(grid, 1)]
     launcher = launcher or Launcher()
+    folder = {(task, row.folder): out / task / (f"{row.folder}_tuned" if tune else row.folder) for task, _, _ in cells
+              for row in rows}
+    config = {}
+    if tune:
+        from .sweep import tune_row
+        for task, _, spec in cells:
+            for row in rows:
+                config[task, row.folder] = str(tune_row(folder[task, row.folder] / "tune", model, weights, spec, row.method,
+                                                 row.options, tune, launcher, seed=seeds[0], **settings))
+    grid = [(task, group, spec, row, seed) for task, group, spec in cells for row in rows for seed in seeds]
+    calls = [dict(cell=folder[task, row.folder] / f"seed{seed}", label=f"[{n}/{len(grid)}] {task} {row.label} seed {seed}",
+                  model=model, weights=weights, spec=spec, method=row.method, method_opts=row.options or None,
+                  seed=seed, **settings, **({"config": config[task, row.folder]} if tune else {}))
+             for n, (task, _, spec, row, seed) in enumerate(grid, 1)]
     if launcher.kind != "local" or launcher.workers > 1:  # elsewhere first; then every cell below is read back
         launch([(c["label"], run_cell, c) for c in calls if not (c["cell"] / "summary.json").is_file()],
                launcher, out / "logs")
@@ -120,8 +140,29 @@ def run_grid(suite: str, rows: list[Row], seeds: list[int], out: Path, root: str
         results.append({"task": task, "group": group, "method": row.label, "seed": seed,
                         "test_acc": res["test_acc"], "val_acc": res["val_acc"], "protocol": res["protocol"],
                         "trainable_params": res["trainable_params"], "method_params": res["method_params"],
-                        "train_wall_s": res["train_wall_s"]})
+                        "lr": res["config"]["lr"], "epochs": res["config"]["epochs"],
+                        "train_wall_s": res["train_wall_s"], "code": res.get("code", ""),
+                        "command": cell_command(call, res["config"], tune)})
     return results
+
+
+def cell_command(call: dict, config: dict, tune: dict | None = None) -> str:
+    """The ``rlrr train`` line that runs one cell again on its own (same data, method, options, seed, rate and
+    the grid's training values; a tuned row's chosen values written out), so a table row can be re-checked
+    without its bench."""
+    import shlex
+    args = ["rlrr", "train", "--model", call["model"], "--weights", call["weights"], "--data", call["spec"],
+            "--method", call["method"]]
+    for k, v in (call.get("method_opts") or {}).items():
+        args += ["--method-opt", f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"]
+    keys = ["lr", *(tune or {}), *(k for k in ("epochs", "warmup_epochs", "protocol") if call.get(k) is not None)]
+    for k in dict.fromkeys(keys):
+        value = call.get(k) if k in ("epochs", "warmup_epochs", "protocol") else config.get(k, call.get(k))
+        if value is not None and not (k == "drop_path" and value == 0):
+            args += [f"--{k.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    args += ["--seed", str(call["seed"]), "--output", f"runs/recheck/{call['cell'].parent.parent.name}/"
+             f"{call['cell'].parent.name}/{call['cell'].name}"]
+    return shlex.join(args)
 
 
 def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method: str,
@@ -224,6 +265,13 @@ def markdown_table(rows: list[dict], suite: str, published: str | None = None) -
                                                            and r["group"] == g) for g in groups) for sd in seeds])
             cells.append(f"{a:.1f} ± {s:.1f}" if len(seeds) > 1 else f"{a:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
+    if any("lr" in r for r in rows):  # the rate behind every cell: one per row and task unless seeds differ
+        lines += ["", "Learning rate per row and task:", "", "| method | " + " | ".join(tasks) + " |",
+                  "|" + "---|" * (len(tasks) + 1)]
+        for m in methods:
+            rates = [sorted({float(r["lr"]) for r in rows if r["method"] == m and r["task"] == t and r.get("lr")})
+                     for t in tasks]
+            lines.append(f"| {m} | " + " | ".join("/".join(f"{v:g}" for v in rs) for rs in rates) + " |")
     protocols = sorted({r["protocol"] for r in rows})
     lines.append(f"\nTop-1 % on test, mean ± std over seeds {sorted({r['seed'] for r in rows})}; protocol: "
                  f"{', '.join(protocols)}; params = method parameters without the head.")

@@ -99,6 +99,8 @@ def task_config_path(data: str, config: str | Path | None = None) -> Path | None
             raise FileNotFoundError(f"config file {path} not found")
         return path
     kind, _, where = data.partition(":")
+    if kind == "offline":  # offline:TASK:N is TASK on N training images: the same task, the same config
+        where = where.partition(":")[0]
     path = CONFIG_DIR / kind / f"{Path(where).name}.yaml"
     if path.is_file():
         return path

@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import os
+import re
 import socket
 from dataclasses import fields
 from pathlib import Path
@@ -52,9 +53,11 @@ def _optuna():
     return optuna
 
 
-def parse_grid(items: list[str] | None) -> dict[str, list]:
+def parse_grid(items: list[str] | None, flag: str = "--grid", relative: bool = False) -> dict[str, list]:
     """``KEY=V1,V2,...`` flags as a grid (values as YAML scalars), every value checked now, before any trial
-    or journal exists; none: the paper's whole grid."""
+    or journal exists; none: the paper's whole grid.  ``relative`` (``--tune``) also takes ``xF`` for F times
+    the run's own value of KEY (each method's rate from its task config: ``lr=x0.33,x1,x3``), kept as the
+    string until ``resolve_grid`` knows the run."""
     if not items:
         return copy.deepcopy(PAPER_GRID)
     grid = {}
@@ -62,26 +65,44 @@ def parse_grid(items: list[str] | None) -> dict[str, list]:
         key, sep, values = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in SEARCHABLE:
-            raise ValueError(f"--grid {item!r} must be KEY=V1,V2,... with KEY one of {', '.join(SEARCHABLE)}")
+            raise ValueError(f"{flag} {item!r} must be KEY=V1,V2,... with KEY one of {', '.join(SEARCHABLE)}")
         if key in grid:
-            raise ValueError(f"--grid {key} is given twice; give its values once, comma-separated "
-                             f"(--grid {key}=V1,V2,...)")
-        parsed = [load_yaml(v, f"--grid {item}", lines=False) for v in values.split(",") if v.strip()]
+            raise ValueError(f"{flag} {key} is given twice; give its values once, comma-separated "
+                             f"({flag} {key}=V1,V2,...)")
+        given = [v.strip() for v in values.split(",") if v.strip()]
+        factors = [v for v in given if relative and v.startswith("x")]
+        for v in factors:
+            if not re.fullmatch(r"x[0-9]*\.?[0-9]+", v) or float(v[1:]) <= 0 or key in ("batch_size", "epochs"):
+                raise ValueError(f"{flag} {item!r}: {v!r} is not a multiple of the run's {key}; write xF with F > 0 "
+                                 "(e.g. lr=x0.33,x1,x3), for a number-valued key other than batch_size and epochs")
+        if factors:
+            if len(factors) < len(given):
+                raise ValueError(f"{flag} {item!r}: give every value of {key} as a multiple (xF) or none")
+            grid[key] = list(dict.fromkeys(given))
+            continue
+        parsed = [load_yaml(v, f"{flag} {item}", lines=False) for v in given]
         hint = float if key == "drop_path" else next(f.type for f in fields(TrainConfig) if f.name == key)
         want = (int, float) if "float" in str(hint) else (int,) if "int" in str(hint) else (object,)
         bad = [v for v in parsed if isinstance(v, bool) or not isinstance(v, want)]
         if not parsed or bad:
-            raise ValueError(f"--grid {item!r}: give one or more {'numbers' if float in want else 'values'} "
+            raise ValueError(f"{flag} {item!r}: give one or more {'numbers' if float in want else 'values'} "
                              f"separated by commas{f', not {bad[0]!r}' if bad else ''}")
         for v in parsed:  # the rule each value meets as a flag, named with the grid item it came from
             if key == "drop_path" and not 0 <= v < 1:
-                raise ValueError(f"--grid {item!r}: drop_path must be in [0, 1), not {v!r}")
+                raise ValueError(f"{flag} {item!r}: drop_path must be in [0, 1), not {v!r}")
             try:
                 TrainConfig(**({} if key == "drop_path" else {key: v}))
             except ValueError as e:
-                raise ValueError(f"--grid {item!r}: {e}") from None
+                raise ValueError(f"{flag} {item!r}: {e}") from None
         grid[key] = list(dict.fromkeys(parsed))
     return grid
+
+
+def resolve_grid(grid: dict[str, list], own: dict[str, Any]) -> dict[str, list]:
+    """``grid`` with every ``xF`` value (``parse_grid(relative=True)``) as F times ``own[key]``, the value the run
+    would use untuned, rounded to 4 significant digits so a setting's folder name stays short."""
+    return {k: list(dict.fromkeys(float(f"{float(v[1:]) * own[k]:.4g}") if isinstance(v, str) and v.startswith("x")
+                                  else v for v in values)) for k, values in grid.items()}
 
 
 def grid_order(grid: dict[str, list]) -> list[dict]:
@@ -230,6 +251,23 @@ class Sweep:
 
     def run(self, launcher: Launcher | None = None) -> dict:
         """All trials (here or where ``launcher`` says), the choice on val, ``best.yaml``, then the final run."""
+        best, best_yaml, trials = self.choose(launcher)
+        final = run_cell(self.out / "final" / setting_folder(best.params), f"final run of {best.params}", **self.run_args,
+                         **{**self.train, **self.run_opts, "protocol": "retrain", "config": str(best_yaml)})
+        summary = {"best": best.params, "best_trial": best.number, "val_acc": best.value,
+                   "trials": {state: sum(trial_state(t) == state for t in trials) for state in
+                              ("complete", "pruned", "fail", "cut off")},
+                   "final": {k: final[k] for k in ("protocol", "selected_epoch", "val_acc", "test_acc")},
+                   "best_yaml": str(best_yaml)}
+        atomic_write(self.out / "sweep.json", lambda f: f.write(json.dumps(summary, indent=1)), "w")
+        print(f"best on val: {best.params} ({best.value:.2f}% val, trial {best.number}); retrained on train+val: "
+              f"test top-1 {final['test_acc']:.2f}% -> {best_yaml}")
+        return summary
+
+    def choose(self, launcher: Launcher | None = None) -> tuple[Any, Path, list]:
+        """All trials and the choice on val (no split but train and val is read): the best trial, its task YAML
+        (``best.yaml``) and every trial.  A bench row tuned with ``--tune`` stops here and runs its cells with
+        the YAML."""
         _optuna()
         from optuna.trial import TrialState
         launcher = launcher or Launcher()
@@ -253,18 +291,7 @@ class Sweep:
         if best is None:
             raise RuntimeError(f"no trial of the sweep in {self.out} finished (see trials.csv); widen the grid or "
                                "lower the learning rates")
-        best_yaml = self.write_best(best.params)
-        final = run_cell(self.out / "final" / setting_folder(best.params), f"final run of {best.params}", **self.run_args,
-                         **{**self.train, **self.run_opts, "protocol": "retrain", "config": str(best_yaml)})
-        summary = {"best": best.params, "best_trial": best.number, "val_acc": best.value,
-                   "trials": {state: sum(trial_state(t) == state for t in trials) for state in
-                              ("complete", "pruned", "fail", "cut off")},
-                   "final": {k: final[k] for k in ("protocol", "selected_epoch", "val_acc", "test_acc")},
-                   "best_yaml": str(best_yaml)}
-        atomic_write(self.out / "sweep.json", lambda f: f.write(json.dumps(summary, indent=1)), "w")
-        print(f"best on val: {best.params} ({best.value:.2f}% val, trial {best.number}); retrained on train+val: "
-              f"test top-1 {final['test_acc']:.2f}% -> {best_yaml}")
-        return summary
+        return best, self.write_best(best.params), trials
 
     def write_best(self, params: dict) -> Path:
         """The task YAML of the chosen setting: the task's own config with the setting (and the sweep's fixed
@@ -312,6 +339,19 @@ class Sweep:
         fig.suptitle("sweep: val accuracy per trial (red: chosen; grey: pruned, last val)", fontsize=9)
         fig.tight_layout()
         save_figure(fig, self.out / "sweep.png")
+
+
+def tune_row(out: Path, model: str, weights: str | None, spec: str, method: str, method_opts: dict | None,
+             grid: dict[str, list], launcher: Launcher | None = None, **settings: Any) -> Path:
+    """A bench row's own setting on one task (``rlrr bench --tune``): a sweep in ``out`` over ``grid`` (``xF``
+    values as multiples of what the row would use untuned), trials on train scored on val, the run's protocol
+    replaced by the sweep's; returns the chosen setting's task YAML, which the row's cells then run with."""
+    train = {k: v for k, v in settings.items() if k != "protocol"}
+    task, cfg, _ = plan(spec, method, method_opts, **{k: v for k, v in train.items() if k not in RUN_OPTIONS})
+    own = {**cfg.settings(), "drop_path": task.get("drop_path", 0.0) if train.get("drop_path") is None
+           else train["drop_path"]}
+    sweep = Sweep(out, model, weights, spec, method, method_opts or {}, resolve_grid(grid, own), **train)
+    return sweep.choose(launcher)[1]
 
 
 def trial_state(trial) -> str:

@@ -118,7 +118,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     """What a training run is made of, shared by ``rlrr train`` and ``rlrr sweep``: model, data, method and
     every training value (a sweep searches some of them and fixes the rest from these)."""
     add_model_args(p, adapter=False)
-    p.add_argument("--data", required=True, help="vtab1k:ROOT/TASK, fgvc:ROOT/NAME, folder:DIR, csv:FILE, offline:TASK")
+    p.add_argument("--data", required=True, help="vtab1k:ROOT/TASK, fgvc:ROOT/NAME, folder:DIR, csv:FILE, "
+                   "offline:TASK[:N] (N training images)")
     p.add_argument("--method", default="rlrr")
     p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method config option (repeatable)")
     p.add_argument("--pace", metavar="sigma=S,lambda=L", nargs="?", const="",

@@ -10,9 +10,10 @@ from .common import add_execution_args, add_launcher_args, add_run_args, at_leas
 def cmd_bench(args) -> list | dict:
     if args.agreement_only:
         from ..bench import score_agreement
-        return score_agreement(Path(args.output))
+        return score_agreement(Path(args.output), study=args.study)
+    from ..sweep import parse_grid
     settings = dict(epochs=args.epochs, protocol=args.protocol, grad_checkpointing=args.grad_checkpointing,
-                    compile=args.compile)
+                    compile=args.compile, tune=parse_grid(args.tune, "--tune", relative=True) if args.tune else None)
     if args.study:
         from ..study import run_study
         return run_study(args.study, args.suite, args.seeds, Path(args.output), args.root, args.model, args.weights,
@@ -36,7 +37,8 @@ def add_commands(sub) -> None:
     from ..engine.trainer import PROTOCOLS
     from ..study import STUDIES
     p = sub.add_parser("bench", help="task x method x seed grid (or --study: the paper's ablations), resumable")
-    p.add_argument("--suite", choices=["mini", "vtab1k", "fgvc"], default="mini")
+    p.add_argument("--suite", default="mini", help="mini, vtab1k, fgvc, or offline tasks as a comma-separated list of "
+                   "offline:TASK[:N] (N training images, default 800), e.g. offline:mnist:200,offline:clevr_count:200")
     p.add_argument("--methods", default="linear,full,bitfit,ssf,lora,adapter,vpt,rlrr,rlrr+pace,hta,apla", type=comma_list(),
                    help="comma-separated; peft tuners as peft:<tuner> (needs the peft group)")
     p.add_argument("--study", choices=list(STUDIES),
@@ -49,10 +51,15 @@ def add_commands(sub) -> None:
     p.add_argument("--epochs", type=at_least(1), default=None)
     p.add_argument("--protocol", choices=[x for x in PROTOCOLS if x != "search"], default=None)
     p.add_argument("--smoke", action="store_true", help="one task, one epoch, the first seed: a CI-sized check")
+    p.add_argument("--tune", action="append", metavar="KEY=V1,V2,...",
+                   help="choose each row's KEY per task on val first (a sweep at the first seed; test never read), "
+                        "then run its cells with the choice; xF values are multiples of the row's own value, e.g. "
+                        "--tune lr=x0.33,x1,x3 (repeatable)")
     p.add_argument("--output", default="runs/bench", type=path_arg)
     add_execution_args(p)
     p.add_argument("--agreement-only", action="store_true",
-                   help="train nothing: score the finished bench in --output against the published VTAB-1k ranking")
+                   help="train nothing: score the finished bench (or --study) in --output against the published "
+                        "VTAB-1k ranking (the study's published table)")
     add_launcher_args(p)
     p.set_defaults(func=cmd_bench)
 

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from .benchmarks import VTAB, fgvc_items, vtab_items
 from .images import DataError, ImageList, csv_list, image_folder
-from .offline import TASKS as OFFLINE_TASKS, offline_splits
+from .offline import TASKS as OFFLINE_TASKS, offline_splits, parse_task
 from .transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,13 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
     kind, sep, where = spec.partition(":")
     if not sep:
         raise DataError(f"data spec {spec!r} needs a kind: vtab1k:ROOT/TASK, fgvc:ROOT/NAME, folder:DIR, "
-                        "csv:FILE or offline:TASK")
+                        "csv:FILE or offline:TASK[:N]")
     size = data_cfg["input_size"][-1]
     names = None
     inferred = kind == "vtab1k" and Path(where).name not in VTAB  # counted from the labels seen (CSV ids: below)
     if kind == "offline":
-        parts = offline_splits(where, size, data_cfg["mean"], data_cfg["std"], seed=seed)
+        task, n_train = parse_task(where)
+        parts = offline_splits(task, size, data_cfg["mean"], data_cfg["std"], seed=seed, n_train=n_train)
         n = parts["train"].num_classes
     else:
         path = Path(where).expanduser()

@@ -5,11 +5,13 @@
 * ``dsprites_loc``, ``dsprites_ori``, ``clevr_count`` — generated structured tasks.
 
 Splits follow VTAB-1k where the size allows: 800 train / 200 val (together ``trainval``), the rest
-test, all disjoint and drawn by a fixed seed.
+test, all disjoint and drawn by a fixed seed.  ``offline:TASK:N`` trains on N images instead of 800 (val
+stays 200, test is the rest): the lever the proxy suite turns to reach the PEFT regime of few images.
 """
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,19 @@ from torch.utils.data import Dataset
 from .synthetic import shapes_task
 
 TASKS = ("mnist", "digits", "dsprites_loc", "dsprites_ori", "clevr_count")
+
+
+def parse_task(where: str) -> tuple[str, int]:
+    """``TASK`` or ``TASK:N`` (N training images) as (task, N); checked here so a bad spec is one line."""
+    task, sep, n = where.partition(":")
+    if task not in TASKS:
+        raise ValueError(f"unknown offline task {task!r}; choose one of {', '.join(TASKS)}")
+    if not sep:
+        return task, 800
+    if not re.fullmatch(r"[0-9]+", n) or not 10 <= int(n) <= 2000:
+        raise ValueError(f"offline:{where}: the part after the task is the number of training images, "
+                         f"10 to 2000 (e.g. offline:{task}:200), not {n!r}")
+    return task, int(n)
 
 
 def load_arrays(task: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
@@ -61,12 +76,16 @@ class ArrayImages(Dataset):
 
 def offline_splits(task: str, size: int, mean, std, seed: int = 0, n_train: int = 800, n_val: int = 200,
                    n_test: int | None = None) -> dict[str, ArrayImages]:
-    """``train`` / ``val`` / ``trainval`` / ``test`` of a task; the split is fixed by ``seed``."""
+    """``train`` / ``val`` / ``trainval`` / ``test`` of a task; the split is fixed by ``seed``.  Fewer than 800
+    training images are the first ``n_train`` of the 800, with the same val and test images, so a task on
+    fewer images is measured on the same test set as the full one."""
     images, labels, classes = load_arrays(task, seed)
     perm = np.random.default_rng(seed).permutation(len(labels))
+    start = max(n_train, min(800, len(perm) - n_val - 1))  # where val begins
     if n_train + n_val >= len(perm):
         n_train, n_val = int(len(perm) * 0.4), int(len(perm) * 0.1)
-    end = len(perm) if n_test is None else min(len(perm), n_train + n_val + n_test)
-    idx = {"train": perm[:n_train], "val": perm[n_train:n_train + n_val],
-           "trainval": perm[:n_train + n_val], "test": perm[n_train + n_val:end]}
+        start = n_train
+    end = len(perm) if n_test is None else min(len(perm), start + n_val + n_test)
+    train, val = perm[:n_train], perm[start:start + n_val]
+    idx = {"train": train, "val": val, "trainval": np.concatenate([train, val]), "test": perm[start + n_val:end]}
     return {k: ArrayImages(images[v], labels[v], classes, size, mean, std, f"{task}/{k}") for k, v in idx.items()}

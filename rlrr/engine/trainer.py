@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..adapter import adapter_state, batchnorm_stats, save_adapter
 from ..card import write_card
 from ..files import FileLock, atomic_write, write_csv
-from ..methods.base import summary, trainable_parameters
+from ..methods.base import cross_entropy, summary, trainable_parameters
+from ..version import code_commit
 from . import distributed as dist
-from ..methods.base import cross_entropy
 from .checkpointing import enable_grad_checkpointing
 from .compile import compiled
 from .loop import NonFiniteLoss, StepConfig, evaluate, train_one_epoch
@@ -322,6 +322,7 @@ class Trainer:
                                 "test": "best test epoch (official practice)"}[cfg.protocol],
                   "selected_epoch": st["best"]["epoch"], "val_acc": st["best"]["acc"] if cfg.protocol != "test" else None,
                   "test_acc": test["acc"], "train_wall_s": round(st["wall_s"], 1), "world_size": self.world,
+                  "code": code_commit(),
                   **summary(plain), "method_config": _method_config(plain), "config": asdict(cfg),
                   "settings": st["settings"]}
         if self.rank == 0:
