@@ -42,10 +42,7 @@ from torch import nn
 from .adapter import Adapter, AdapterMismatchError, class_names, load_adapter
 from .backbones import architecture, checkpoint_num_classes, fingerprint, set_num_classes
 from .backbones.discover import affine_of, channel_dim, classifier_modules, input_only_via_affine, is_weight_layer
-from .methods.base import replace
-from .methods.lora import LoRALinear
-from .methods.rlrr import _Rescaled, workspace
-from .methods.ssf import FeatureRescale
+from .methods.base import NotServable, replace
 
 SERVABLE = ("rlrr", "ssf", "bitfit", "linear", "lora")
 GROUPED_SAMPLES = 8  # samples per task (on average) from which "auto" runs each task's slice on its own
@@ -165,7 +162,7 @@ class WeightSite(Site):
         """W'_t of one task, for one GEMM/conv: formed by RLRR's own code into its reused workspace."""
         s, w = self.stack, self.base.weight
         if "scale_l" in s:
-            w = self.rescaler.rescaled(w, s["scale_l"][t], s["scale_r"][t], plus=w, out=workspace(w))
+            w = self.rescaler.weight_for(s["scale_l"][t], s["scale_r"][t], w)
         if "lora_A" in s:
             w = w + s["lora_B"][t] @ s["lora_A"][t]
         return w
@@ -417,24 +414,12 @@ def task_sites(adapted: nn.Module, own: dict[str, nn.Module]) -> tuple[dict[str,
     for name, m in adapted.named_modules():
         if not name or id(m) in head_ids or any(name.startswith(d + ".") for d in done):
             continue
-        if isinstance(m, _Rescaled):
-            if m.form != "rescale" or not m.residual:
-                raise AdapterMismatchError(f"{name} is RLRR's {m.form} form{'' if m.residual else ' without the residual'}"
-                                           " (an ablation); the bank serves the residual rescaling W + S ⊙ W only")
-            values = {"scale_l": m.scale_l, "scale_r": m.scale_r}
-            if m.bias is not None:
-                values["bias"] = m.bias + m.shift
-            sites[name] = WeightSite, values, m
-        elif isinstance(m, LoRALinear):
-            a = torch.cat(list(m.lora_A))
-            b = a.new_zeros(m.base.out_features, a.shape[0])
-            col = 0
-            for (lo, hi), B in zip(m.slices, m.lora_B):
-                b[lo:hi, col:col + B.shape[1]] = m.scaling * B
-                col += B.shape[1]
-            sites[name] = WeightSite, {"lora_A": a, "lora_B": b}, None
-        elif isinstance(m, FeatureRescale):
-            sites[name] = rescale_row(m)
+        if hasattr(m, "bank_rows"):  # a method's layer says what it stacks (RLRR, LoRA, SSF's rescale)
+            try:
+                kind, values = m.bank_rows()
+            except NotServable as e:
+                raise AdapterMismatchError(f"{name} is {e}") from None
+            sites[name] = NormSite if kind == "norm" else WeightSite, values, m if "scale_l" in values else None
         else:  # a plain layer: a row only where a method changed its parameters in place (BitFit)
             changed = plain_changes(name, m, own[name]) if name in own else None
             if changed:
@@ -442,18 +427,6 @@ def task_sites(adapted: nn.Module, own: dict[str, nn.Module]) -> tuple[dict[str,
             continue
         done.append(name)  # a wrapper: its inner layers are part of its row
     return sites, copy.deepcopy(heads[0])
-
-
-def rescale_row(m: FeatureRescale) -> tuple[type, dict, None]:
-    """SSF's rescale: folded into a norm's per-task affine, or the output affine of a weight layer."""
-    inner, gamma = m.inner, m.scale.detach()
-    if m.affine:
-        w_name, b_name = m.affine
-        bias = getattr(inner, b_name).reshape(-1) * gamma + m.shift if b_name else None
-        return NormSite, {"gamma": getattr(inner, w_name).reshape(-1) * gamma,
-                          **({"bias": bias} if bias is not None else {})}, None
-    bias = (inner.bias * gamma if inner.bias is not None else 0) + m.shift
-    return WeightSite, {"gamma": gamma, "bias": bias}, None
 
 
 def plain_changes(name: str, m: nn.Module, base: nn.Module) -> tuple[type, dict, None] | None:

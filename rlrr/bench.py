@@ -22,8 +22,8 @@ from .launch import Launcher, launch
 from .published import markdown as markdown_published
 
 MINI_TASKS = ("mnist", "dsprites_ori", "clevr_count")
-MINI_GROUP = {"mnist": "natural", "digits": "natural", "dsprites_loc": "structured", "dsprites_ori": "structured",
-              "clevr_count": "structured"}
+MINI_GROUP = {"mnist": "natural", "digits": "natural", "fractal": "natural", "dsprites_loc": "structured",
+              "dsprites_ori": "structured", "clevr_count": "structured"}
 
 
 def suite_cells(suite: str, root: str | None, smoke: bool) -> tuple[list[tuple[str, str, str]], str, dict]:

@@ -65,12 +65,6 @@ SITES = ("attn", "mlp", "norm")
 SITE_OF_ROLE = {"qkv": "attn", "q": "attn", "k": "attn", "v": "attn", "proj": "attn", "fc1": "mlp", "fc2": "mlp"}
 
 
-# The official RLRR code's Swin (models/swin.py) differs from its ViT in three places: one s_r shared over
-# the fused qkv (everywhere else q, k, v are three maps), the patch-merging reduction rescaled, and no
-# SSF after the patch embedding.  RLRR follows it on these timm classes (Swin V2 as V1's layout).
-OFFICIAL_SWIN = ("SwinTransformer", "SwinTransformerV2")
-
-
 class DiscoveryError(ValueError):
     """Nothing adaptable was found; the message names the ``targets=`` option."""
 
@@ -83,13 +77,7 @@ class Structure:
     norms: tuple[str, ...]  # modules whose output is rescaled (norms, or the stem's weight layer)
     transitions: tuple[str, ...]  # weight layers between blocks
     stem: str | None  # the stem's rescale site, one of ``norms``
-    swin: bool  # laid out as the official RLRR Swin code (``OFFICIAL_SWIN``)
     order: tuple[str, ...]  # every module called in the dummy forward, in call order (registration order if none)
-
-    @property
-    def qkv(self) -> str:
-        """Default treatment of a fused qkv: "fused" (one s_r, the official Swin) or "split"."""
-        return "fused" if self.swin else "split"
 
 
 def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -348,7 +336,7 @@ def _discover(model: nn.Module) -> Structure:
     targets = [n for n, m in mods if is_weight_layer(m) and within(n)]
     seq = tuple(sorted((n for n, _ in model.named_modules() if n and (order is None or n in order)), key=rank))
     if not blocks or not targets:
-        return Structure(tuple(blocks), (), (), (), None, False, seq)
+        return Structure(tuple(blocks), (), (), (), None, seq)
     inside = [rank(n) for n, _ in mods if within(n)]
     lo, hi = min(inside), max(inside)
     block_norms = [f"{b}.{n}" for b in blocks for n in _own_norms(model.get_submodule(b))]
@@ -363,8 +351,7 @@ def _discover(model: nn.Module) -> Structure:
         norms = [n for n in norms if not is_norm(m := model.get_submodule(n)) or n not in seen.shapes
                  or input_only_via_affine(m, seen.shapes[n])]
     return Structure(tuple(blocks), tuple(sorted(targets, key=rank)), tuple(sorted(norms, key=rank)),
-                     tuple(sorted(transitions, key=rank)), next((n for n in stem[-1:] if n in norms), None),
-                     type(model).__name__ in OFFICIAL_SWIN, seq)
+                     tuple(sorted(transitions, key=rank)), next((n for n in stem[-1:] if n in norms), None), seq)
 
 
 def matching(model: nn.Module, pattern: str, option: str = "targets") -> list[tuple[str, nn.Module]]:
@@ -380,12 +367,12 @@ def matching(model: nn.Module, pattern: str, option: str = "targets") -> list[tu
 
 
 def resolve(model: nn.Module, targets: str | None = None, norms: str | None = None,
-            transitions: bool | None = False) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]],
+            transitions: bool = False) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]],
                                                        Structure | None]:
     """(weight layers, norm-like modules, what discovery found) for a method: discovered, or the user's
     regexes.  ``targets`` / ``norms`` (regexes over module names) override discovery, which makes any
     ``nn.Module`` adaptable; discovery runs only for what is not given (None then).  ``transitions``:
-    also the layers between blocks; None = as the official RLRR code for the layout (Swin: on).
+    also the layers between blocks (Swin's patch merging).
     """
     found = discover(model) if targets is None or norms is None else None
     if targets is not None:
@@ -394,7 +381,6 @@ def resolve(model: nn.Module, targets: str | None = None, norms: str | None = No
             raise DiscoveryError(f"no module of {type(model).__name__} matches targets={targets!r}; "
                                  "check the names with model.named_modules()")
     else:
-        transitions = found.swin if transitions is None else transitions
         names = list(found.targets) + (list(found.transitions) if transitions else [])
         weights = [(n, model.get_submodule(n)) for n in names]
         if not weights:

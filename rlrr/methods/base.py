@@ -25,6 +25,10 @@ class MergeError(RuntimeError):
     """The method (or this particular model) cannot be folded into plain weights."""
 
 
+class NotServable(ValueError):
+    """A layer's adapter cannot be served per sample by a bank (``bank_rows`` of an ablation variant)."""
+
+
 @dataclass(frozen=True)
 class Method:
     name: str

@@ -37,12 +37,26 @@ class LoRALinear(AroundLinear):
     def adapter_params(self) -> tuple[str, ...]:
         return tuple(f"lora_{m}.{i}" for m in "AB" for i in range(len(self.slices)))
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) with ``B @ A`` the full-size update (α/r)·B_i A_i in its row slices: the slices' A stacked
+        (Σr × in), their scaled B placed block-diagonally (out × Σr)."""
+        a = torch.cat(list(self.lora_A))
+        b = a.new_zeros(self.base.out_features, a.shape[0])
+        col = 0
+        for (lo, hi), B in zip(self.slices, self.lora_B):
+            b[lo:hi, col:col + B.shape[1]] = self.scaling * B
+            col += B.shape[1]
+        return b, a
+
     def delta(self) -> torch.Tensor:
         """The full-size update (α/r)·B A placed in its row slices."""
-        d = torch.zeros_like(self.base.weight)
-        for (a, b), A, B in zip(self.slices, self.lora_A, self.lora_B):
-            d[a:b] = self.scaling * (B @ A)
-        return d
+        b, a = self.factors()
+        return b @ a
+
+    def bank_rows(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """What a bank of adapters stacks for this layer: the update's factors, at a weight site."""
+        b, a = self.factors()
+        return "weight", {"lora_A": a, "lora_B": b}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dropout(x)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.discover import SITES, conv_padding, resolve, select
-from .base import Method, freeze, merge_modules, register, replace
+from .base import Method, NotServable, freeze, merge_modules, register, replace
 from .ssf import inject_feature_rescale, merge_feature_rescale
 
 
@@ -211,6 +211,24 @@ class _Rescaled(nn.Module):
         dtype = dtype or weight.dtype
         return w.to(dtype), (None if b is None else b.to(dtype))
 
+    def bank_rows(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """What a bank of adapters stacks for this layer (``rlrr.bank``): the scale vectors and b' = b + f, at
+        a weight site; each task's W' is then formed by ``weight_for``.  Only the paper's residual
+        rescaling is served (the ablation variants are refused, naming the variant)."""
+        if self.form != "rescale" or not self.residual:
+            raise NotServable(f"RLRR's {self.form} form{'' if self.residual else ' without the residual'} (an "
+                              "ablation); the bank serves the residual rescaling W + S ⊙ W only")
+        rows = {"scale_l": self.scale_l, "scale_r": self.scale_r}
+        if self.bias is not None:
+            rows["bias"] = self.bias + self.shift
+        return "weight", rows
+
+    def weight_for(self, scale_l: torch.Tensor, scale_r: torch.Tensor, weight: torch.Tensor | None = None):
+        """W' of this layer's variant and geometry for another task's vectors (a bank row), formed by
+        ``compose`` into the shared per-shape workspace: valid until the next W' of that shape is formed."""
+        weight = self.weight if weight is None else weight
+        return self.compose(weight, scale_l, scale_r, out=workspace(weight))
+
     def _cached(self, dtype: torch.dtype):
         """W', b' for inference, rebuilt only when a parameter changed (tracked by tensor versions)."""
         key = (dtype, *[(p.data_ptr(), p._version) for p in self._tensors()])
@@ -239,8 +257,18 @@ class _Rescaled(nn.Module):
         """The pretrained layer's output (what PACE perturbs around)."""
         return self.op(x, self.weight, self.bias)
 
-    def merged(self) -> nn.Module:
+    def plain(self, bias: bool, **like) -> nn.Module:
+        """An empty layer of the replaced kind (what ``merged`` fills with W', b')."""
         raise NotImplementedError
+
+    def merged(self) -> nn.Module:
+        """The replaced kind of layer holding W' and b': the model without the adapter's layers."""
+        w, b = self.effective()
+        layer = self.plain(b is not None, device=w.device, dtype=w.dtype)
+        layer.weight.data.copy_(w)
+        if b is not None:
+            layer.bias.data.copy_(b)
+        return layer.requires_grad_(False)
 
 
 class RescaledLinear(_Rescaled):
@@ -279,13 +307,8 @@ class RescaledLinear(_Rescaled):
         gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if need_w else None
         return gx, gw
 
-    def merged(self) -> nn.Linear:
-        w, b = self.effective()
-        lin = nn.Linear(self.in_features, self.out_features, bias=b is not None, device=w.device, dtype=w.dtype)
-        lin.weight.data.copy_(w)
-        if b is not None:
-            lin.bias.data.copy_(b)
-        return lin.requires_grad_(False)
+    def plain(self, bias: bool, **like) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, bias=bias, **like)
 
     def extra_repr(self) -> str:
         variant = "" if self.form == "rescale" and self.residual else f", form={self.form}, residual={self.residual}"
@@ -332,14 +355,9 @@ class RescaledConv2d(_Rescaled):
             c["groups"], [need_x, need_w, False])
         return gx, gw
 
-    def merged(self) -> nn.Conv2d:
-        w, b = self.effective()
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, bias=b is not None, device=w.device, dtype=w.dtype)
-        conv.weight.data.copy_(w)
-        if b is not None:
-            conv.bias.data.copy_(b)
-        return conv.requires_grad_(False)
+    def plain(self, bias: bool, **like) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=bias, **like)
 
 
 INITS = ("official", "identity", "normal", "zero", "constant", "uniform")
@@ -430,10 +448,16 @@ class RLRRConfig:
         return {"scales": self.scales, "residual": self.residual, "form": self.form}
 
 
+# The official RLRR code's Swin (models/swin.py) differs from its ViT in three places: one s_r shared over
+# the fused qkv (everywhere else q, k, v are three maps), the patch-merging reduction rescaled, and no
+# SSF after the patch embedding.  RLRR follows it on these timm classes (Swin V2 as V1's layout).
+OFFICIAL_SWIN = ("SwinTransformer", "SwinTransformerV2")
+
+
 def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> nn.Module:
-    weights, norms, found = resolve(model, cfg.targets, cfg.norms, transitions=cfg.reduction)
-    swin = found is not None and found.swin
-    if swin and cfg.norms is None:  # the official Swin code puts no SSF after its patch embedding
+    swin = type(model).__name__ in OFFICIAL_SWIN
+    weights, norms, found = resolve(model, cfg.targets, cfg.norms, swin if cfg.reduction is None else cfg.reduction)
+    if swin and found is not None and cfg.norms is None:  # the official Swin puts no SSF after its patch embedding
         norms = [(n, m) for n, m in norms if n != found.stem]
     weights, norms = select(model, weights, norms, cfg.sites, cfg.blocks)
     qkv = cfg.qkv if cfg.qkv != "auto" else ("fused" if swin else "split")

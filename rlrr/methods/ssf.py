@@ -50,13 +50,29 @@ class FeatureRescale(Wrapper):
             if self.shift is not None:
                 nn.init.normal_(self.shift, 0.0, std)
 
+    def folded(self) -> dict[str, torch.Tensor]:
+        """The wrapped norm's affine with γ, β folded in, by parameter name (``w·γ``, ``b·γ + β``): what
+        forward runs the norm with, what ``merged`` writes and what a bank stacks per task."""
+        n, (w_name, b_name) = self.inner, self.affine
+        folded = {w_name: getattr(n, w_name) * self.scale.view(getattr(n, w_name).shape)}
+        if b_name:
+            b = getattr(n, b_name)
+            folded[b_name] = b * self.scale.view(b.shape) + self.shift.view(b.shape)
+        return folded
+
+    def bank_rows(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """What a bank of adapters stacks for this rescale: the folded affine at a norm site, or, after a
+        weight layer, the output affine ``(x Wᵀ)·γ + (b·γ + β)`` at a weight site."""
+        gamma = self.scale.detach()
+        if self.affine:
+            folded = [t.reshape(-1) for t in self.folded().values()]
+            return "norm", {"gamma": folded[0], **({"bias": folded[1]} if len(folded) > 1 else {})}
+        bias = self.inner.bias * gamma + self.shift if self.inner.bias is not None else self.shift
+        return "weight", {"gamma": gamma, "bias": bias}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.affine:
-            n, (w_name, b_name) = self.inner, self.affine
-            folded = {w_name: getattr(n, w_name) * self.scale.view(getattr(n, w_name).shape)}
-            if b_name:
-                b = getattr(n, b_name)
-                folded[b_name] = b * self.scale.view(b.shape) + self.shift.view(b.shape)
+            n, folded = self.inner, self.folded()
             if type(n) is nn.LayerNorm:
                 return F.layer_norm(x, n.normalized_shape, folded["weight"], folded.get("bias"), n.eps)
             return torch.func.functional_call(n, folded, (x,))
@@ -69,23 +85,24 @@ class FeatureRescale(Wrapper):
         """The output without the rescale (what PACE perturbs around)."""
         return self.inner(x)
 
+    @torch.no_grad()
     def merged(self) -> nn.Module:
-        """The wrapped module with γ, β folded into its per-channel affine."""
-        fold_channel_affine(self.inner, self.scale.detach(), None if self.shift is None else self.shift.detach())
+        """The wrapped module with γ, β folded into its per-channel affine (a norm's, or a layer's output rows)."""
+        if self.affine:
+            for name, value in self.folded().items():
+                getattr(self.inner, name).copy_(value)
+        else:
+            fold_output_affine(self.inner, self.scale, self.shift)
         return self.inner
 
 
-def fold_channel_affine(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
-    """Make ``module(x)`` compute ``module(x)·scale + shift`` per output channel, in place: into a norm's
-    affine (whatever its parameters are called) or a Linear/Conv2d's output rows."""
-    w_name, b_name = affine_of(module) or ("weight", "bias")
-    weight, bias = getattr(module, w_name, None), getattr(module, b_name, None) if b_name else None
-    if weight is None or (bias is None and shift is not None):
-        raise MergeError(f"{type(module).__name__} has no affine weight and bias to fold a scale/shift into")
-    s = scale.to(weight.dtype)
-    weight.mul_(s.view(weight.shape) if weight.numel() == s.numel() else s.view(-1, *[1] * (weight.ndim - 1)))
-    if shift is not None:
-        bias.mul_(s.view(bias.shape)).add_(shift.to(bias.dtype).view(bias.shape))
+def fold_output_affine(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Make a Linear/Conv2d compute ``layer(x)·scale + shift`` per output channel, in place (its weight rows
+    scaled, its bias scaled and shifted)."""
+    if layer.bias is None:
+        raise MergeError(f"{type(layer).__name__} has no bias to fold a shift into")
+    layer.weight.mul_(scale.to(layer.weight.dtype).view(-1, *[1] * (layer.weight.ndim - 1)))
+    layer.bias.mul_(scale.to(layer.bias.dtype)).add_(shift.to(layer.bias.dtype))
 
 
 def inject_feature_rescale(model: nn.Module, modules: list[tuple[str, nn.Module]], std: float,
