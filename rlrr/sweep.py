@@ -41,7 +41,7 @@ PAPER_GRID: dict[str, list] = {"lr": [0.2, 0.1, 0.05, 0.01, 0.005, 0.001, 0.0001
                                "weight_decay": [0.05, 0.01, 0.005, 0.001, 0.0],
                                "drop_path": [0.0, 0.1, 0.3, 0.5, 0.7], "batch_size": [256, 128, 32]}
 NOT_SEARCHED = {"protocol", "seed", "device", "progress", "num_workers", "eval_batch_size", "deterministic",
-                "grad_checkpointing", "compile"}
+                "grad_checkpointing", "compile", "log", "log_group"}
 TASK_KEYS = ("drop_path", "aug", "num_classes")  # run options a task YAML holds itself
 SEARCHABLE = tuple(f.name for f in fields(TrainConfig) if f.name not in NOT_SEARCHED) + ("drop_path",)
 OWNERS: dict[str, FileLock] = {}  # this process's owner lock per sweep worker name, held until it exits

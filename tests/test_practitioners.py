@@ -136,3 +136,82 @@ def test_a_trained_run_has_a_model_card_the_hub_reads(tmp_path):
     assert extra["method"] == "rlrr" and extra["trainable_params"] == summary["trainable_params"]
     assert extra["backbone_fingerprint"] == summary["settings"]["backbone_fingerprint"]
     assert "rlrr.load_adapter(model, \"adapter.safetensors\")" in card.text
+
+
+def wandb_records(run_dir):
+    """Every record of a W&B offline run file, decoded with wandb's own protobuf messages (the file is
+    LevelDB's log format: 32 KiB blocks of checksum, length, type, payload)."""
+    import struct
+    from wandb.proto import wandb_internal_pb2 as pb
+    data = next(run_dir.rglob("run-*.wandb")).read_bytes()
+    pos, chunks, part = 7, [], b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        part = chunk if kind in (1, 2) else part + chunk
+        if kind in (1, 4):
+            chunks.append(part)
+    records = []
+    for c in chunks:
+        r = pb.Record()
+        r.ParseFromString(c)
+        records.append(r)
+    return records
+
+
+def test_log_sends_each_run_to_tensorboard_mlflow_and_wandb_read_back_by_their_own_readers(tmp_path, monkeypatch):
+    import json
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from rlrr.cli import main
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "grid"
+    assert main(["bench", "--smoke", "--methods", "linear", "--epochs", "2", "--log", "tensorboard,mlflow,wandb",
+                 "--output", str(out)]) == 0
+    cell = out / "mnist" / "linear" / "seed0"
+    res = json.loads((cell / "summary.json").read_text())
+    rows = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    ea = EventAccumulator(str(cell / "tensorboard"))
+    ea.Reload()
+    assert [e.value for e in ea.Scalars("val_acc")] == pytest.approx([r["val_acc"] for r in rows])
+    assert [e.value for e in ea.Scalars("lr")] == pytest.approx([r["lr"] for r in rows])
+    assert ea.Scalars("final/test_acc")[0].value == pytest.approx(res["test_acc"])
+    assert "curves" in ea.Tags()["images"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
+    assert run.info.run_name == "mnist/linear/seed0" and run.info.status == "FINISHED"
+    assert run.data.params["method"] == "linear" and float(run.data.params["lr"]) == res["config"]["lr"]
+    assert int(run.data.params["params.trainable_params"]) == res["trainable_params"]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "val_acc")] == \
+        pytest.approx([r["val_acc"] for r in rows])
+    assert run.data.metrics["final_test_acc"] == pytest.approx(res["test_acc"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["curves.png"]
+    records = wandb_records(cell / "wandb")
+    (start,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (start.run_group, start.display_name) == ("grid", "mnist/linear/seed0")
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    assert [h["val_acc"] for h in history if "val_acc" in h] == pytest.approx([r["val_acc"] for r in rows])
+    summary = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+               for i in r.summary.update if i.key}
+    assert summary["test_acc"] == pytest.approx(res["test_acc"])
+
+
+def test_log_names_a_missing_tracker_library_or_an_unknown_tracker_in_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+    from rlrr.cli import main
+    args = ["train", "--data", "offline:digits", "--method", "linear", "--epochs", "1", "--output", str(tmp_path / "r")]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    assert main(args + ["--log", "wandb"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'rlrr[track]'" in err
+    assert main(args + ["--log", "tensorboard,neptune"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'neptune' is not a tracker" in err
+    assert not (tmp_path / "r" / "summary.json").exists()

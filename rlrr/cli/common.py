@@ -145,6 +145,9 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
                    help="recompute each block's activations in backward: much less memory, about one more forward")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="torch.compile the model (default backend inductor; aot_eager needs no C++ compiler)")
+    p.add_argument("--log", metavar="TRACKERS", help="also log runs to tensorboard, mlflow and/or wandb "
+                   "(comma-separated; pip install 'rlrr[track]'): config, parameter counts, per-epoch metrics and "
+                   "rate, the test result and the curves; a grid's runs are grouped")
 
 
 TRAIN_VALUES = (("epochs", int), ("warmup_epochs", int), ("lr", float), ("weight_decay", float), ("batch_size", int),

@@ -13,7 +13,8 @@ def cmd_bench(args) -> list | dict:
         return score_agreement(Path(args.output), study=args.study)
     from ..sweep import parse_grid
     settings = dict(epochs=args.epochs, protocol=args.protocol, grad_checkpointing=args.grad_checkpointing,
-                    compile=args.compile, tune=parse_grid(args.tune, "--tune", relative=True) if args.tune else None)
+                    compile=args.compile, log=args.log, log_group=str(args.output) if args.log else None,
+                    tune=parse_grid(args.tune, "--tune", relative=True) if args.tune else None)
     if args.study:
         from ..study import run_study
         return run_study(args.study, args.suite, args.seeds, Path(args.output), args.root, args.model, args.weights,
@@ -27,6 +28,8 @@ def cmd_sweep(args) -> dict:
     from ..bench import RUN_OPTIONS
     from ..sweep import Sweep, parse_grid
     method, opts, overrides = run_choice(args)
+    if overrides.get("log"):  # the sweep's trials are one group in the trackers
+        overrides["log_group"] = str(args.output)
     run = {k: v for k in RUN_OPTIONS if (v := getattr(args, k)) is not None and v is not False}
     sweep = Sweep(Path(args.output), args.model, None if args.weights == "none" else args.weights, args.data,
                   method, opts, parse_grid(args.grid), args.budget, args.config, **run, **overrides)

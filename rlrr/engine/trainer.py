@@ -36,12 +36,14 @@ from .checkpointing import enable_grad_checkpointing
 from .compile import compiled
 from .loop import NonFiniteLoss, StepConfig, evaluate, train_one_epoch
 from .optim import build_optimizer, build_scheduler
+from .tracking import Tracking, parse_trackers
 
 PROTOCOLS = ("retrain", "val", "test", "search")
 RUN_FILES = ("checkpoint.pt", "summary.json", "adapter.safetensors", "best_adapter.safetensors", "metrics.jsonl",
              "metrics.csv", "curves.png")
 # may change on --resume: how a run is executed, not what it computes
-NOT_SETTINGS = {"progress", "num_workers", "eval_batch_size", "device", "grad_checkpointing", "compile"}
+NOT_SETTINGS = {"progress", "num_workers", "eval_batch_size", "device", "grad_checkpointing", "compile", "log",
+                "log_group"}
 
 
 class TrainingStopped(RuntimeError):
@@ -70,9 +72,12 @@ class TrainConfig:
     device: str = "auto"
     grad_checkpointing: bool = False  # recompute each block's activations in backward (memory for time)
     compile: str = "none"  # a torch.compile backend (inductor, aot_eager, ...) or none
+    log: str = ""  # experiment trackers, comma-separated: tensorboard, mlflow, wandb (``engine/tracking.py``)
+    log_group: str = ""  # the folder of the grid a run belongs to (its trackers group the grid's runs)
 
     def __post_init__(self) -> None:
         """Every value checked where it enters, with the flag that sets it named."""
+        self.log = ",".join(parse_trackers(self.log))
         rules = {"epochs": (self.epochs >= 1, "at least 1"), "warmup_epochs": (self.warmup_epochs >= 0, "0 or more"),
                  "lr": (0 < self.lr < math.inf, "a positive number"),
                  "weight_decay": (0 <= self.weight_decay < math.inf, "0 or more"),
@@ -227,6 +232,21 @@ class Trainer:
     def _fit(self) -> dict:
         cfg = self.cfg
         resumed = self._resume_state()
+        self.tracking = None
+        if cfg.log and self.rank == 0:
+            group = Path(cfg.log_group) if cfg.log_group else None
+            name = str(self.out.absolute().relative_to(group.absolute())) if group and \
+                self.out.absolute().is_relative_to(group.absolute()) else self.out.name
+            self.tracking = Tracking(parse_trackers(cfg.log), self.out, name, cfg.log_group or None)
+        try:
+            return self._phases(resumed)
+        except BaseException:
+            if self.tracking is not None:
+                self.tracking.close("FAILED")
+            raise
+
+    def _phases(self, resumed: dict | None) -> dict:
+        cfg = self.cfg
         if resumed:
             self.state = resumed
         phases = {"retrain": [("select", "train", "val"), ("final", "trainval", None)],
@@ -258,6 +278,8 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         if continuing:
             self.load_checkpoint(model, opt, sched, scaler)
+        if self.tracking is not None and self.tracking.started is False:
+            self.tracking.start({**self.state["settings"], **asdict(cfg)}, summary(dist.unwrap(model)))
         step_cfg = StepConfig(cfg.amp, cfg.grad_accum, cfg.clip_grad, cfg.label_smoothing)
         objective = getattr(dist.unwrap(model), "objective", None) or cross_entropy  # a method may bring its own
         show = cfg.progress and self.rank == 0
@@ -293,6 +315,8 @@ class Trainer:
                 self.last_good = f"{self.ckpt_path} (end of epoch {epoch})"
                 if self.rank == 0:
                     self.write_metrics()
+                if self.tracking is not None:
+                    self.tracking.epoch(row, len(self.state["history"]))
             if show:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                       flush=True)
@@ -333,6 +357,8 @@ class Trainer:
                 write_card(self.out / "README.md", result)  # the Hub's model card: what the folder holds
                 text = json.dumps(result, indent=1)
                 atomic_write(self.out / "summary.json", lambda f: f.write(text), "w")  # last: marks it finished
+            if self.tracking is not None:
+                self.tracking.finish(result, self.out / "curves.png")
         dist.barrier()
         return result
 
