@@ -119,7 +119,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     every training value (a sweep searches some of them and fixes the rest from these)."""
     add_model_args(p, adapter=False)
     p.add_argument("--data", required=True, help="vtab1k:ROOT/TASK, fgvc:ROOT/NAME, folder:DIR, csv:FILE, "
-                   "offline:TASK[:N] (N training images)")
+                   "hfds:HUB_ID|DIR[:CONFIG][?image=COL&label=COL] (Hugging Face datasets: save_to_disk or parquet "
+                   "folders), offline:TASK[:N] (N training images)")
     p.add_argument("--method", default="rlrr")
     p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method config option (repeatable)")
     p.add_argument("--pace", metavar="sigma=S,lambda=L", nargs="?", const="",

@@ -114,7 +114,7 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
     kind, sep, where = spec.partition(":")
     if not sep:
         raise DataError(f"data spec {spec!r} needs a kind: vtab1k:ROOT/TASK, fgvc:ROOT/NAME, folder:DIR, "
-                        "csv:FILE or offline:TASK[:N]")
+                        "csv:FILE, hfds:DATASET or offline:TASK[:N]")
     size = data_cfg["input_size"][-1]
     names = None
     inferred = kind == "vtab1k" and Path(where).name not in VTAB  # counted from the labels seen (CSV ids: below)
@@ -133,23 +133,31 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
         elif kind == "folder":
             (items, names), aug = folder_items(path, seed), kind_aug or "fgvc"
             n = len(names)
+        elif kind == "hfds":
+            from .hfds import hf_splits
+            items, tables, names, n = hf_splits(where, seed, _holdout)
+            inferred, aug = names is None, kind_aug or "fgvc"
         elif kind == "csv":
             all_items, names = csv_list(path)
             inferred = names is None
             n = len(names) if names else max((label for _, label in all_items), default=-1) + 1
             items, aug = _holdout(all_items, seed), kind_aug or "fgvc"
         else:
-            raise DataError(f"unknown data kind {kind!r}; use vtab1k, fgvc, folder, csv or offline")
+            raise DataError(f"unknown data kind {kind!r}; use vtab1k, fgvc, folder, csv, hfds or offline")
         check_class_count(spec, n, num_classes, inferred)
         n = num_classes or n
         if n < 2:  # 100% of one class measures nothing: usually --data points one folder too deep or too high
             fix = "point --data at the folder holding one sub-folder per class" if kind == "folder" else "check the labels"
             raise DataError(f"{spec}: the data has one class ({names[0] if names else 'label 0'}); a classifier needs "
                             f"two or more: {fix}")
-        warn_repeats(spec, items)
         tf = {"train": train_transform(data_cfg, aug), "eval": eval_transform(data_cfg, aug)}
-        parts = {s: ImageList(v, n, tf["train" if s in ("train", "trainval") else "eval"], skip_bad, f"{path.name}/{s}")
-                 for s, v in items.items()}
+        pick = {s: tf["train" if s in ("train", "trainval") else "eval"] for s in items}
+        if kind == "hfds":
+            from .hfds import HFImages
+            parts = {s: HFImages(*tables[s], v, n, pick[s], f"{spec}/{s}") for s, v in items.items()}
+        else:
+            warn_repeats(spec, items)
+            parts = {s: ImageList(v, n, pick[s], skip_bad, f"{path.name}/{s}") for s, v in items.items()}
     if kind == "offline":
         check_class_count(spec, n, num_classes, False)
     empty = [s for s in ("train", "val", "test") if len(parts[s]) == 0]

@@ -32,10 +32,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(path: Path | BinaryIO, fix: str = "remove or re-download it, or pass --skip-bad-images") -> Image.Image:
-    """Open and fully decode an image of any mode (a file, or an upload's bytes as a file object), turning
-    every decoder failure into one ``DataError`` that ends with ``fix``."""
-    name = path if isinstance(path, (str, Path)) else "upload"
+def open_rgb(path: Path | BinaryIO, fix: str = "remove or re-download it, or pass --skip-bad-images",
+             name: str | None = None) -> Image.Image:
+    """Open and fully decode an image of any mode (a file, or bytes as a file object: an upload, a dataset
+    row), turning every decoder failure into one ``DataError`` that names it (``name``) and ends with ``fix``."""
+    name = name or (path if isinstance(path, (str, Path)) else "upload")
     try:
         with Image.open(path) as img:
             img.load()
