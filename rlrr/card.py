@@ -23,6 +23,22 @@ def base_model_id(model: str) -> str | None:
     return f"timm/{model}"
 
 
+def front_matter(model: str, method: str, dataset: str, data: str | None, metrics: list[dict], tags: list[str],
+                 details: dict) -> dict:
+    """The Hub's keys (library, base model, tags, pipeline, ``model-index`` when there is a metric) and an
+    ``rlrr`` section (``details``) with what the Hub has no key for."""
+    index = [{"name": f"{method} on {dataset}", "results": [{
+        "task": {"type": "image-classification"}, "dataset": {"name": dataset, "type": data or dataset},
+        "metrics": metrics}]}] if metrics else []
+    return {"library_name": "rlrr", **({"base_model": base} if (base := base_model_id(model)) else {}),
+            "tags": ["rlrr", "peft", "image-classification", method, *tags], "pipeline_tag": "image-classification",
+            **({"model-index": index} if index else {}), "rlrr": details}
+
+
+def card(meta: dict, body: str) -> str:
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + body
+
+
 def card_text(result: dict) -> str:
     """The card of a finished run from its summary (``summary.json``'s dict)."""
     settings = result.get("settings", {})
@@ -30,18 +46,11 @@ def card_text(result: dict) -> str:
     metrics = [{"type": "accuracy", "value": round(result["test_acc"], 2), "name": "test top-1 (%)"}] \
         if result.get("test_acc") is not None else \
         [{"type": "accuracy", "value": round(result["val_acc"], 2), "name": "val top-1 (%), not tested"}]
-    meta = {"library_name": "rlrr", **({"base_model": base} if (base := base_model_id(model)) else {}),
-            "tags": ["rlrr", "peft", "image-classification", method], "pipeline_tag": "image-classification",
-            "model-index": [{"name": f"{method} on {result['dataset']}", "results": [{
-                "task": {"type": "image-classification"},
-                "dataset": {"name": result["dataset"], "type": settings.get("data", result["dataset"])},
-                "metrics": metrics}]}],
-            "rlrr": {"method": method, "method_options": result.get("method_config", {}),
-                     "data": settings.get("data"), "num_classes": result["num_classes"],
-                     "protocol": result["protocol"], "selection": result["selection"],
-                     "selected_epoch": result["selected_epoch"], "method_params": result["method_params"],
-                     "trainable_params": result["trainable_params"],
-                     "backbone_fingerprint": settings.get("backbone_fingerprint")}}
+    meta = front_matter(model, method, result["dataset"], settings.get("data"), metrics, [], {
+        "method": method, "method_options": result.get("method_config", {}), "data": settings.get("data"),
+        "num_classes": result["num_classes"], "protocol": result["protocol"], "selection": result["selection"],
+        "selected_epoch": result["selected_epoch"], "method_params": result["method_params"],
+        "trainable_params": result["trainable_params"], "backbone_fingerprint": settings.get("backbone_fingerprint")})
     score = metrics[0]
     body = f"""# {method} adapter for {model} on {result['dataset']}
 
@@ -63,7 +72,46 @@ model = rlrr.create_backbone("{model}", weights=..., num_classes={result['num_cl
 model = rlrr.load_adapter(model, "adapter.safetensors")  # rlrr.merge(model) folds it into plain weights
 ```
 """
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + body
+    return card(meta, body)
+
+
+def merged_card_text(model: str, weights_file: str, adapter_meta: dict, num_classes: int, params: int,
+                     run: dict | None) -> str:
+    """The card of a merged model (``rlrr merge``): plain weights of ``model`` with the adapter folded in, what
+    the adapter was (its metadata) and, when its run's summary is beside it, the run's data and test top-1."""
+    import json
+    method = adapter_meta.get("method", "?")
+    settings = (run or {}).get("settings", {})
+    data = settings.get("data")
+    dataset = (run or {}).get("dataset") or (data or "its task")
+    metrics = [{"type": "accuracy", "value": round(run["test_acc"], 2), "name": "test top-1 (%)"}] \
+        if run and run.get("test_acc") is not None else []
+    options = json.loads(adapter_meta.get("config", "{}"))
+    meta = front_matter(model, method, dataset, data, metrics, ["merged"], {
+        "method": method, "method_options": options, "data": data, "num_classes": num_classes, "merged": True,
+        "params": params, "adapter_backbone_fingerprint": adapter_meta.get("backbone_fingerprint"),
+        **({"protocol": run["protocol"]} if run else {})})
+    load = (f'model = transformers.AutoModelForImageClassification.from_pretrained("{weights_file}")'
+            if model.startswith("hf:") else
+            f'model = timm.create_model("{model}", pretrained=False, num_classes={num_classes})\n'
+            f'model.load_state_dict(safetensors.torch.load_file("{weights_file}"))')
+    body = f"""# {model} with a merged {method} adapter{f' for {dataset}' if run else ''}
+
+Plain `{model}` weights ({params:,} parameters) with a {method} adapter trained by
+[rlrr](https://pypi.org/project/rlrr/) folded in: the untouched architecture, no rlrr needed to run it,
+no inference overhead.{f" {metrics[0]['name']}: **{metrics[0]['value']}** (protocol `{run['protocol']}`)." if metrics else ""}
+
+| | |
+|---|---|
+| file | `{weights_file}` |
+| method options | `{options}` |
+| classes | {num_classes} |
+
+```python
+{load}
+```
+"""
+    return card(meta, body)
 
 
 def write_card(path: str | Path, result: dict) -> Path:

@@ -113,6 +113,17 @@ def test_train_with_checkpointing_and_compile_ends_where_plain_training_does(tmp
     for k in plain:
         assert torch.allclose(plain[k], ckpt[k], atol=1e-4), k
     capsys.readouterr()
+    pre = [a if a != "none" else "pretrained" for a in args]  # eval/predict need the weights the adapter knows
+    assert main([*pre, "--output", str(tmp_path / "pre")]) == 0
+    look = ["--model", "vit_pico_patch4_32", "--weights", "pretrained", "--adapter",
+            str(tmp_path / "pre" / "adapter.safetensors")]
+    for extra in ([], ["--compile", "aot_eager"]):  # eval and predict compiled give what they give uncompiled
+        assert main(["eval", *look, "--data", f"vtab1k:{task}", *extra]) == 0
+        assert main(["predict", *look, "--images", str(task / "images"), "--output",
+                     str(tmp_path / f"pred{len(extra)}.csv"), *extra]) == 0
+    evals = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(evals) == 2 and evals[0] == evals[1]
+    assert (tmp_path / "pred0.csv").read_text() == (tmp_path / "pred2.csv").read_text()
     assert main([*args, "--output", str(tmp_path / "bad"), "--compile", "no_such_backend"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --compile no_such_backend: not a torch.compile backend here") and "\n" not in err
@@ -136,6 +147,18 @@ def test_a_trained_run_has_a_model_card_the_hub_reads(tmp_path):
     assert extra["method"] == "rlrr" and extra["trainable_params"] == summary["trainable_params"]
     assert extra["backbone_fingerprint"] == summary["settings"]["backbone_fingerprint"]
     assert "rlrr.load_adapter(model, \"adapter.safetensors\")" in card.text
+    merged = tmp_path / "svhn_rlrr.safetensors"  # a merged model gets its card too
+    assert main(["merge", "--model", "vit_pico_patch4_32", "--weights", "none", "--ignore-fingerprint", "--adapter",
+                 str(out / "adapter.safetensors"), "--output", str(merged)]) == 0
+    from safetensors.torch import load_file
+    card = ModelCard.load(merged.with_name("svhn_rlrr.README.md"))
+    assert card.data.library_name == "rlrr" and "merged" in card.data.tags
+    assert card.data.eval_results[0].metric_value == round(summary["test_acc"], 2)  # from the run beside the adapter
+    extra = card.data.to_dict()["rlrr"]
+    assert extra["merged"] and extra["method"] == "rlrr" and extra["num_classes"] == summary["num_classes"]
+    assert extra["params"] == sum(t.numel() for t in load_file(merged).values())
+    assert extra["adapter_backbone_fingerprint"] == summary["settings"]["backbone_fingerprint"]
+    assert 'timm.create_model("vit_pico_patch4_32", pretrained=False' in card.text
 
 
 def wandb_records(run_dir):

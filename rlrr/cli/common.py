@@ -140,12 +140,16 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the model (default backend inductor; aot_eager needs no C++ compiler)")
+
+
 def add_execution_args(p: argparse.ArgumentParser) -> None:
     """How training runs (not what it computes): shared by train, sweep and bench."""
     p.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute each block's activations in backward: much less memory, about one more forward")
-    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="torch.compile the model (default backend inductor; aot_eager needs no C++ compiler)")
+    add_compile_arg(p)
     p.add_argument("--log", metavar="TRACKERS", help="also log runs to tensorboard, mlflow and/or wandb "
                    "(comma-separated; pip install 'rlrr[track]'): config, parameter counts, per-epoch metrics and "
                    "rate, the test result and the curves; a grid's runs are grouped")

@@ -6,12 +6,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .common import (adapted_model, add_model_args, at_least, backbone, data_config, method_options, not_an_input,
-                     output_file, path_arg)
+from .common import (adapted_model, add_compile_arg, add_model_args, at_least, backbone, data_config, method_options,
+                     not_an_input, output_file, path_arg)
 
 
 def cmd_eval(args) -> dict:
     from ..data import build_data
+    from ..engine.compile import compiled
     from ..engine.loop import evaluate
     from torch.utils.data import DataLoader
     from ..backbones import num_classes_of
@@ -20,8 +21,8 @@ def cmd_eval(args) -> dict:
     if num_classes_of(model) != splits.num_classes:
         raise ValueError(f"the model's head has {num_classes_of(model)} classes but {args.data} has "
                          f"{splits.num_classes}; evaluate an adapter (or weights) trained on this task")
-    res = evaluate(model, DataLoader(splits[args.split], args.batch_size), next(model.parameters()).device,
-                   progress=True)
+    res = evaluate(compiled(model, args.compile or "none"), DataLoader(splits[args.split], args.batch_size),
+                   next(model.parameters()).device, progress=True)
     out = {"data": args.data, "split": args.split, "top1": res["acc"], "loss": res["loss"], "n": len(splits[args.split])}
     print(json.dumps(out))
     return out
@@ -32,6 +33,7 @@ def cmd_predict(args) -> None:
     from ..backbones import logits_of
     from ..data.images import DataError, open_rgb
     from ..data.transforms import eval_transform
+    from ..engine.compile import compiled
     from ..files import atomic_write
     from ..adapter import Adapter
     from ..backbones import num_classes_of
@@ -41,6 +43,7 @@ def cmd_predict(args) -> None:
     n = num_classes_of(model)
     topk, names = min(args.topk, n), adapter.class_names(n) if adapter else [str(i) for i in range(n)]
     tf = eval_transform(data_config(model), "none")
+    model = compiled(model, args.compile or "none")
     files, skipped = image_files(args.images), []
 
     def read(path: Path):
@@ -86,15 +89,18 @@ def image_files(paths: list[str]) -> list[tuple[Path, str]]:
 
 
 def cmd_merge(args) -> Path:
+    from ..adapter import Adapter
     from ..methods.base import merge
     hf = args.model.startswith("hf:")
     out = not_an_input(Path(args.output) if hf else output_file(args.output), args)  # HF: a folder
     if hf and out.exists() and not out.is_dir():
         raise ValueError(f"--output {out} is a file; a merged hf: model is a folder (save_pretrained): name a folder")
-    merged = merge(adapted_model(args))
+    adapter = Adapter.read(args.adapter) if args.adapter else None
+    merged = merge(adapted_model(args, adapter))
     if hf:  # a plain transformers folder: from_pretrained loads it
         merged.save_pretrained(out)
         _copy_image_processor(args.model, out)
+        write_merged_card(out / "README.md", args.model, str(out), merged, adapter)
         print(f"merged {args.model} + {args.adapter} -> {out}/ (plain transformers, from_pretrained-loadable)")
         return out
     import timm
@@ -106,8 +112,21 @@ def cmd_merge(args) -> Path:
     data = save({k: v.contiguous() for k, v in merged.state_dict().items()},
                 metadata={"architecture": args.model, "num_classes": str(merged.num_classes)})
     atomic_write(out, lambda f: f.write(data))
-    print(f"merged {args.model} + {args.adapter} -> {out} (plain timm weights, strict-loadable)")
+    card = write_merged_card(out.with_name(f"{out.stem}.README.md"), args.model, out.name, merged, adapter)
+    print(f"merged {args.model} + {args.adapter} -> {out} (plain timm weights, strict-loadable; card {card.name})")
     return out
+
+
+def write_merged_card(path: Path, model: str, weights_file: str, merged, adapter) -> Path:
+    """The Hub model card of a merged model (``rlrr.card``), with the adapter's run summary when beside it."""
+    from ..backbones import num_classes_of
+    from ..card import merged_card_text
+    from ..files import atomic_write
+    summary = adapter.path.parent / "summary.json" if adapter else None
+    run = json.loads(summary.read_text()) if summary and summary.is_file() else None
+    text = merged_card_text(model, weights_file, adapter.meta if adapter else {"method": "none"}, num_classes_of(merged),
+                            sum(p.numel() for p in merged.parameters()), run)
+    return atomic_write(path, lambda f: f.write(text), "w")
 
 
 def _copy_image_processor(model: str, out: Path) -> None:
@@ -184,6 +203,7 @@ def add_commands(sub) -> None:
     p.add_argument("--aug", choices=["none", "flip", "fgvc"])
     p.add_argument("--batch-size", type=at_least(1), default=128)
     p.add_argument("--skip-bad-images", action="store_true")
+    add_compile_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="images (files or folders) -> CSV of top-k classes")
@@ -193,6 +213,7 @@ def add_commands(sub) -> None:
     p.add_argument("--topk", type=at_least(1), default=5)
     p.add_argument("--batch-size", type=at_least(1), default=64)
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (counted)")
+    add_compile_arg(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("merge", help="backbone + adapter -> plain timm safetensors")
