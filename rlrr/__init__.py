@@ -11,7 +11,7 @@ from .version import __version__ as __version__
 
 from .adapter import Adapter, AdapterMismatchError, load_adapter, load_model, read_adapter, save_adapter
 from .backbones import BackboneError, create_backbone
-from .bank import AdapterBank
+from .serving.bank import AdapterBank
 from .methods.base import MergeError, apply, format_summary, get_method, make_config, merge, summary, trainable_parameters
 from .methods.rlrr import RLRRConfig, RescaledConv2d, RescaledLinear
 from .methods.ssf import SSFConfig

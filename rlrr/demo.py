@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from .backbones import EMBEDDED_NAME, create_backbone
 from .data import build_data
 from .engine.loop import evaluate
-from .experiment import run_experiment
+from .engine.experiment import run_experiment
 from .files import atomic_write, figure, save_figure
 
 METHODS = ("rlrr", "linear")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlrr.agreement import agreement, kendall_tau_b, markdown, pairs_in_order, ranks, spearman
+from rlrr.grid.agreement import agreement, kendall_tau_b, markdown, pairs_in_order, ranks, spearman
 from rlrr.cli import main
 
 
@@ -65,7 +65,7 @@ def test_a_finished_bench_is_scored_again_without_training(tmp_path, capsys):
 
 
 def test_a_study_is_scored_against_its_published_row_order():
-    from rlrr.agreement import study_published
+    from rlrr.grid.agreement import study_published
     pub = study_published("init")  # Supp. Table 10: the mean of the three VTAB-1k group means per row
     assert pub["normal"] == pytest.approx((82.9 + 85.4 + 61.4) / 3) and len(pub) == 5
     assert study_published("sites") == {}  # Fig. 2 is a plot: nothing to score against

@@ -10,7 +10,7 @@ from conftest import one_step
 import rlrr
 from rlrr.adapter import AdapterMismatchError
 from rlrr.backbones import set_num_classes
-from rlrr.bank import AdapterBank
+from rlrr.serving.bank import AdapterBank
 
 # task: (method, options, classes)
 TASKS = {

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from rlrr.bench import markdown_table, run_bench
-from rlrr.experiment import plan
+from rlrr.grid.bench import markdown_table, run_bench
+from rlrr.engine.experiment import plan
 
 
 def test_smoke_suite_and_resume(tmp_path, capsys):
@@ -72,7 +72,7 @@ def test_table_means_and_std_over_seeds():
 def test_published_tables_agree_with_their_printed_means():
     """Every transcribed row's cells reproduce the mean its paper printed (to rounding), except the
     two errors the reference documents inside PACE's tables."""
-    from rlrr.published import load
+    from rlrr.grid.published import load
     known_errors = {("NOAH", "vtab1k"), ("Full", "fgvc")}  # PACE prints 74.2 and 85.9 for these cells
     for suite in ("vtab1k", "fgvc"):
         rows = load(suite)

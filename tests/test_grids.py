@@ -6,11 +6,11 @@ import sys
 import pytest
 from fixtures import make_vtab
 
-from rlrr.bench import run_bench
+from rlrr.grid.bench import run_bench
 from rlrr.cli import main
-from rlrr.experiment import plan
-from rlrr.launch import Launcher
-from rlrr.study import STUDIES, study_rows
+from rlrr.engine.experiment import plan
+from rlrr.grid.launch import Launcher
+from rlrr.grid.study import STUDIES, study_rows
 
 MODEL = "vit_pico_patch4_32"
 
@@ -80,7 +80,7 @@ def test_sweep_chooses_on_val_writes_a_task_yaml_and_resumes(tmp_path, capsys):
 
 def test_pruned_trials_stop_early_and_a_sweep_without_a_finished_trial_says_so(tmp_path):
     import optuna
-    from rlrr.sweep import Sweep, parse_grid
+    from rlrr.grid.sweep import Sweep, parse_grid
     out = tmp_path / "sweep"
     sweep = Sweep(out, MODEL, "pretrained", "offline:mnist", "rlrr", {}, parse_grid(["lr=0.01"]), epochs=3,
                   pruner=optuna.pruners.ThresholdPruner(lower=101.0))  # every val accuracy is below 101%

@@ -313,8 +313,8 @@ def test_a_token_guards_management_and_never_reaches_the_log(server, tmp_path):
 
 def test_a_request_past_its_deadline_and_a_server_fault_are_5xx_and_the_loop_goes_on(server):
     from starlette.testclient import TestClient
-    from rlrr.bank import AdapterBank
-    from rlrr.serve import Service, create_app
+    from rlrr.serving.bank import AdapterBank
+    from rlrr.serving.http import Service, create_app
     _, folder, images = server
     model = rlrr.create_backbone(MODEL)
     service = Service(AdapterBank(model), eval_transform(model.pretrained_cfg, "none"), folder, timeout_s=0.05)

@@ -174,7 +174,7 @@ def run_choice(args) -> tuple[str, dict, dict]:
 
 
 def add_launcher_args(p: argparse.ArgumentParser) -> None:
-    """Where a grid's independent runs go (``rlrr.launch``)."""
+    """Where a grid's independent runs go (``rlrr.grid.launch``)."""
     p.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local: --workers processes here; slurm: one job per run through submitit")
     p.add_argument("--workers", type=at_least(1), default=1, help="local processes (default 1: one after another)")
@@ -185,6 +185,6 @@ def add_launcher_args(p: argparse.ArgumentParser) -> None:
 
 
 def launcher_of(args):
-    from ..launch import Launcher
+    from ..grid.launch import Launcher
     return Launcher(args.launcher, args.workers, args.partition, args.gpus if args.launcher == "slurm" else 0,
                     args.cpus, args.time_min)

@@ -9,24 +9,24 @@ from .common import add_execution_args, add_launcher_args, add_run_args, at_leas
 
 def cmd_bench(args) -> list | dict:
     if args.agreement_only:
-        from ..bench import score_agreement
+        from ..grid.bench import score_agreement
         return score_agreement(Path(args.output), study=args.study)
-    from ..sweep import parse_grid
+    from ..grid.sweep import parse_grid
     settings = dict(epochs=args.epochs, protocol=args.protocol, grad_checkpointing=args.grad_checkpointing,
                     compile=args.compile, log=args.log, log_group=str(args.output) if args.log else None,
                     tune=parse_grid(args.tune, "--tune", relative=True) if args.tune else None)
     if args.study:
-        from ..study import run_study
+        from ..grid.study import run_study
         return run_study(args.study, args.suite, args.seeds, Path(args.output), args.root, args.model, args.weights,
                          args.smoke, launcher_of(args), **settings)
-    from ..bench import run_bench
+    from ..grid.bench import run_bench
     return run_bench(args.suite, args.methods, args.seeds, Path(args.output), args.root, args.model, args.weights,
                      args.smoke, launcher_of(args), **settings)
 
 
 def cmd_sweep(args) -> dict:
-    from ..bench import RUN_OPTIONS
-    from ..sweep import Sweep, parse_grid
+    from ..grid.cells import RUN_OPTIONS
+    from ..grid.sweep import Sweep, parse_grid
     method, opts, overrides = run_choice(args)
     if overrides.get("log"):  # the sweep's trials are one group in the trackers
         overrides["log_group"] = str(args.output)
@@ -38,7 +38,7 @@ def cmd_sweep(args) -> dict:
 
 def add_commands(sub) -> None:
     from ..engine.trainer import PROTOCOLS
-    from ..study import STUDIES
+    from ..grid.study import STUDIES
     p = sub.add_parser("bench", help="task x method x seed grid (or --study: the paper's ablations), resumable")
     p.add_argument("--suite", default="mini", help="mini, vtab1k, fgvc, or offline tasks as a comma-separated list of "
                    "offline:TASK[:N] (N training images, default 800), e.g. offline:mnist:200,offline:clevr_count:200")

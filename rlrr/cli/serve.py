@@ -13,8 +13,8 @@ TOKEN_ENV = "RLRR_SERVE_TOKEN"
 def cmd_serve(args) -> None:
     from ..extras import need
     need("serve", "rlrr serve", "fastapi", "uvicorn", "multipart", "prometheus_client")
-    from ..serve import Service, serve
-    from ..bank import AdapterBank
+    from ..serving.http import Service, serve
+    from ..serving.bank import AdapterBank
     from ..data.transforms import eval_transform
     folder = Path(args.adapters) if args.adapters else None
     if folder is not None and not folder.is_dir():
@@ -78,6 +78,6 @@ def add_commands(sub) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="serve a non-loopback --host without a token (anyone who reaches it can change the tasks)")
     p.add_argument("--mode", choices=["auto", "shared", "grouped"], default="auto",
-                   help="how adapted layers run a mixed batch (see rlrr.bank)")
+                   help="how adapted layers run a mixed batch (see rlrr.serving.bank)")
     p.set_defaults(func=cmd_serve)
 

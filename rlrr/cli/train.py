@@ -8,7 +8,7 @@ from .common import add_run_args, path_arg, run_choice
 
 
 def cmd_train(args) -> dict:
-    from ..experiment import run_experiment
+    from ..engine.experiment import run_experiment
     method, opts, overrides = run_choice(args)
     result = run_experiment(args.model, None if args.weights == "none" else args.weights, args.data, args.output,
                             method, opts, args.config, args.resume, args.num_classes,

@@ -212,7 +212,7 @@ class _Rescaled(nn.Module):
         return w.to(dtype), (None if b is None else b.to(dtype))
 
     def bank_rows(self) -> tuple[str, dict[str, torch.Tensor]]:
-        """What a bank of adapters stacks for this layer (``rlrr.bank``): the scale vectors and b' = b + f, at
+        """What a bank of adapters stacks for this layer (``rlrr.serving.bank``): the scale vectors and b' = b + f, at
         a weight site; each task's W' is then formed by ``weight_for``.  Only the paper's residual
         rescaling is served (the ablation variants are refused, naming the variant)."""
         if self.form != "rescale" or not self.residual:

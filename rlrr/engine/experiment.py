@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from timm.data import resolve_data_config
 
-from .backbones import check_input_size, create_backbone, fingerprint, set_num_classes
-from .config import check_fields, method_lr, method_opts as task_method_opts, task_config, task_config_path
-from .data import build_data
-from .engine.trainer import TrainConfig, Trainer
-from .methods.base import apply, format_summary, make_config, summary
+from ..backbones import check_input_size, create_backbone, fingerprint, set_num_classes
+from ..config import check_fields, method_lr, method_opts as task_method_opts, task_config, task_config_path
+from ..data import build_data
+from .trainer import TrainConfig, Trainer
+from ..methods.base import apply, format_summary, make_config, summary
 
 
 def plan(data: str, method: str, method_opts: dict[str, Any] | None = None, config: str | None = None,

@@ -82,7 +82,7 @@ def _local_pool(calls: list[Call], workers: int) -> list[tuple[str, str]]:
 
 
 def _submitit(calls: list[Call], launcher: Launcher, logs: Path) -> list[tuple[str, str]]:
-    from .extras import need
+    from ..extras import need
     submitit = need("cluster", "--launcher slurm", "submitit")
     cluster = launcher.cluster or "slurm"  # never AutoExecutor's guess: it runs the jobs here when Slurm is absent
     if cluster == "slurm" and submitit.SlurmExecutor.affinity() <= 0:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import csv
 import statistics
 
-from .config import CONFIG_DIR
-from .data.benchmarks import FGVC, VTAB
+from ..config import CONFIG_DIR
+from ..data.benchmarks import FGVC, VTAB
 
 PUBLISHED_DIR = CONFIG_DIR / "published"
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .bench import Row, run_grid, score_agreement, suite_cells, write_results
-from .files import figure, save_figure
+from .bench import run_grid, score_agreement, suite_cells, write_results
+from .cells import Row
+from ..files import figure, save_figure
 from .launch import Launcher
 from .published import study_markdown
 
@@ -52,8 +53,8 @@ def study_rows(name: str, depth: int = 0) -> list[Row]:
 
 
 def block_count(model: str) -> int:
-    from .backbones import create_backbone
-    from .backbones.discover import discover
+    from ..backbones import create_backbone
+    from ..backbones.discover import discover
     return len(discover(create_backbone(model, weights=None)).blocks)
 
 

@@ -43,7 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from .bank import AdapterBank
-from .data.images import DataError, open_rgb
+from ..data.images import DataError, open_rgb
 
 log = logging.getLogger(__name__)
 

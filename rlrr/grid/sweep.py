@@ -28,12 +28,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .bench import RUN_OPTIONS, run_cell
-from .config import load_yaml, task_config, task_config_path
-from .engine.trainer import TrainConfig
-from .experiment import plan
-from .extras import need
-from .files import FileLock, atomic_write, figure, lock_held, save_figure, write_csv
+from ..config import load_yaml, task_config, task_config_path
+from ..engine.experiment import plan
+from ..engine.trainer import TrainConfig
+from ..extras import need
+from ..files import FileLock, atomic_write, figure, lock_held, save_figure, write_csv
+from .cells import RUN_OPTIONS, run_cell
 from .launch import Launcher, launch
 
 # Supp. Table 3: lr, weight decay, dropout (drop path here), batch size.
@@ -231,7 +231,7 @@ class Sweep:
         budget; any other error fails the trial and ends the worker with that error."""
         optuna = _optuna()
         from optuna.trial import TrialState
-        from .engine.trainer import TrainingStopped
+        from ..engine.trainer import TrainingStopped
         study = self.study()
         while (trial := self.claim(study)) is not None:
             try:

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import Adapter, AdapterMismatchError, class_names, load_adapter
-from .backbones import architecture, checkpoint_num_classes, fingerprint, set_num_classes
-from .backbones.discover import affine_of, channel_dim, classifier_modules, input_only_via_affine, is_weight_layer
-from .methods.base import NotServable, replace
+from ..adapter import Adapter, AdapterMismatchError, class_names, load_adapter
+from ..backbones import architecture, checkpoint_num_classes, fingerprint, set_num_classes
+from ..backbones.discover import affine_of, channel_dim, classifier_modules, input_only_via_affine, is_weight_layer
+from ..methods.base import NotServable, replace
 
 SERVABLE = ("rlrr", "ssf", "bitfit", "linear", "lora")
 GROUPED_SAMPLES = 8  # samples per task (on average) from which "auto" runs each task's slice on its own
