@@ -38,6 +38,13 @@ def write_csv(path: str | Path, rows: list[dict]) -> Path:
     return atomic_write(path, write, "w")
 
 
+def markdown_table(head: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table (the shape every table rlrr prints and writes); None cells are empty."""
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 class FileLock:
     """An exclusive ``flock`` on ``path``, holding this process's pid.  The kernel drops it when the process
     ends however it ends (kill -9 included), so a lock is never stale: a held lock means a live holder.

@@ -310,6 +310,13 @@ def test_class_names_differing_only_in_case_or_spaces_are_warned_and_kept_apart(
     splits = build_data(f"folder:{root}", CFG)
     assert splits.class_names == ["Cat", "cat ", "dog"]
     assert "classes 'Cat' and 'cat ' differ only in case or surrounding spaces" in caplog.text
+    caplog.clear()
+    for split in ("train", "val", "test"):  # split folders: said once, of train's folders, which name the classes
+        for name in ("Cat", "cat ", "dog"):
+            (tmp_path / "split" / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "split" / split / name / "0.png")
+    build_data(f"folder:{tmp_path / 'split'}", CFG)
+    assert caplog.text.count("differ only in case") == 1 and "split/train: classes" in caplog.text
 
 
 def test_a_test_image_listed_in_a_train_split_is_warned(task, caplog):

@@ -10,7 +10,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .benchmarks import VTAB, fgvc_items, vtab_items
-from .images import DataError, ImageList, csv_list, image_folder
+from .images import DataError, ImageList, csv_list, image_folder, warn_near_twins
 from .offline import TASKS as OFFLINE_TASKS, offline_splits, parse_task
 from .transforms import eval_transform, train_transform
 
@@ -57,6 +57,7 @@ def folder_items(root: Path, seed: int) -> tuple[dict[str, list], list[str]]:
             if any(a in subs for a in aliases)}
     if "train" not in dirs:
         all_items, names = image_folder(root)
+        warn_near_twins(str(root), names)
         return _holdout(all_items, seed), names
     aliases = {a for names in SPLIT_FOLDERS.values() for a in names}
     others = sorted(d.name for name, d in subs.items() if name not in aliases)
@@ -73,6 +74,7 @@ def folder_items(root: Path, seed: int) -> tuple[dict[str, list], list[str]]:
             raise DataError(f"{folder / unknown[0]}: class {unknown[0]!r} has no folder in {dirs['train']}; every "
                             "class needs training images: add them or remove the folder")
         given[split] = [(p, index[classes[i]]) for p, i in items]
+    warn_near_twins(str(dirs["train"]), names)  # once: train's folders name the classes
     missing = [s for s in ("val", "test") if s not in given]
     if missing:
         log.warning("folder %s: no %s folder; held out 20%% of %s/ as %s (seed %d)", root, " or ".join(

@@ -173,7 +173,6 @@ def image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     if empty:
         raise DataError(f"folder {root}: class folder(s) {', '.join(empty[:3])} hold no images; every class needs "
                         "some: fill or remove them")
-    warn_near_twins(str(root), classes)
     return [(p, i) for i, found in enumerate(per_class) for p in found], classes
 
 

@@ -15,6 +15,7 @@ from ..backbones import EMBEDDED_NAME
 from ..data.benchmarks import FGVC, VTAB
 from ..data.offline import parse_task
 from ..files import atomic_write, figure, save_figure, write_csv
+from ..files import markdown_table as table
 from .cells import Row, cell_command, run_cell
 from .launch import Launcher, launch
 from .published import markdown as markdown_published
@@ -150,7 +151,7 @@ def markdown_table(rows: list[dict], suite: str, published: str | None = None) -
     methods = list(dict.fromkeys(r["method"] for r in rows))
     head = ["method", "params (M)", *tasks, *[f"{g} mean" for g in groups if len(groups) > 1], "mean",
             *(["mean of groups"] if len(groups) > 1 else [])]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         seeds = sorted({r["seed"] for r in mine})
@@ -170,14 +171,13 @@ def markdown_table(rows: list[dict], suite: str, published: str | None = None) -
             a, s = _agg([statistics.fmean(statistics.fmean(r["test_acc"] for r in mine if r["seed"] == sd
                                                            and r["group"] == g) for g in groups) for sd in seeds])
             cells.append(f"{a:.1f} ± {s:.1f}" if len(seeds) > 1 else f"{a:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    lines = [table(head, body)]
     if any("lr" in r for r in rows):  # the rate behind every cell: one per row and task unless seeds differ
-        lines += ["", "Learning rate per row and task:", "", "| method | " + " | ".join(tasks) + " |",
-                  "|" + "---|" * (len(tasks) + 1)]
-        for m in methods:
-            rates = [sorted({float(r["lr"]) for r in rows if r["method"] == m and r["task"] == t and r.get("lr")})
-                     for t in tasks]
-            lines.append(f"| {m} | " + " | ".join("/".join(f"{v:g}" for v in rs) for rs in rates) + " |")
+        rates = [[m, *("/".join(f"{v:g}" for v in sorted({float(r["lr"]) for r in rows if r["method"] == m
+                                                             and r["task"] == t and r.get("lr")})) for t in tasks)]
+                 for m in methods]
+        lines += ["", "Learning rate per row and task:", "", table(["method", *tasks], rates)]
     protocols = sorted({r["protocol"] for r in rows})
     lines.append(f"\nTop-1 % on test, mean ± std over seeds {sorted({r['seed'] for r in rows})}; protocol: "
                  f"{', '.join(protocols)}; params = method parameters without the head.")

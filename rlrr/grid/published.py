@@ -12,6 +12,7 @@ import statistics
 
 from ..config import CONFIG_DIR
 from ..data.benchmarks import FGVC, VTAB
+from ..files import markdown_table
 
 PUBLISHED_DIR = CONFIG_DIR / "published"
 
@@ -48,15 +49,14 @@ def markdown(suite: str) -> str:
     head = ["published method", "backbone", "params (M)", *tasks,
             *(["natural", "specialized", "structured", "plain mean", "mean of groups"] if vtab else ["mean"]),
             "printed", "source"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         means = [*(f"{v:.1f}" for v in r["group_means"].values()), f"{r['plain']:.2f}", f"{r['groups']:.2f}"] \
             if vtab else [f"{r['plain']:.2f}"]
         printed = f"{r['printed_mean']} ({r['printed_mean_convention']})" if vtab else r["printed_mean"]
-        lines.append("| " + " | ".join([r["method"], r["backbone"], r["params_m"] or "—",
-                                         *(f"{r['tasks'][t]:.1f}" for t in tasks), *means, printed,
-                                         r["source"]]) + " |")
-    return "\n".join(lines)
+        cells.append([r["method"], r["backbone"], r["params_m"] or "—", *(f"{r['tasks'][t]:.1f}" for t in tasks),
+                      *means, printed, r["source"]])
+    return markdown_table(head, cells)
 
 
 def main() -> None:
@@ -84,6 +84,4 @@ def study_markdown(name: str) -> tuple[str, str]:
     if not rows:
         return "", ""
     head = [k for k in rows[0] if k != "source"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r[k] for k in head) + " |" for r in rows]
-    return "\n".join(lines), "; ".join(dict.fromkeys(r["source"] for r in rows))
+    return markdown_table(head, [[r[k] for k in head] for r in rows]), "; ".join(dict.fromkeys(r["source"] for r in rows))

@@ -32,7 +32,7 @@ from ..config import load_yaml, task_config, task_config_path
 from ..engine.experiment import plan
 from ..engine.trainer import TrainConfig
 from ..extras import need
-from ..files import FileLock, atomic_write, figure, lock_held, save_figure, write_csv
+from ..files import FileLock, atomic_write, figure, lock_held, markdown_table, save_figure, write_csv
 from .cells import RUN_OPTIONS, run_cell
 from .launch import Launcher, launch
 
@@ -317,9 +317,8 @@ class Sweep:
                  "epochs_run": max(t.intermediate_values, default=None), "best": t.number == best} for t in trials]
         write_csv(self.out / "trials.csv", rows)
         keys = list(rows[0])
-        md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        md += ["| " + " | ".join("" if r.get(k) is None else str(r[k]) for k in keys) + " |" for r in rows]
-        atomic_write(self.out / "trials.md", lambda f: f.write("\n".join(md) + "\n"), "w")
+        md = markdown_table(keys, [[r.get(k) for k in keys] for r in rows])
+        atomic_write(self.out / "trials.md", lambda f: f.write(md + "\n"), "w")
         self.plot(trials, best)
 
     def plot(self, trials, best: int) -> None:
