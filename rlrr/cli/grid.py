@@ -40,7 +40,8 @@ def add_commands(sub) -> None:
     from ..engine.trainer import PROTOCOLS
     from ..grid.study import STUDIES
     p = sub.add_parser("bench", help="task x method x seed grid (or --study: the paper's ablations), resumable")
-    p.add_argument("--suite", default="mini", help="mini, vtab1k, fgvc, or offline tasks as a comma-separated list of "
+    p.add_argument("--suite", default="mini", help="mini, proxy (4 tasks on 200 images, each rate tuned on val: the "
+                   "suite calibrated against VTAB-1k), vtab1k, fgvc, or offline tasks as a comma-separated list of "
                    "offline:TASK[:N] (N training images, default 800), e.g. offline:mnist:200,offline:clevr_count:200")
     p.add_argument("--methods", default="linear,full,bitfit,ssf,lora,adapter,vpt,rlrr,rlrr+pace,hta,apla", type=comma_list(),
                    help="comma-separated; peft tuners as peft:<tuner> (needs the peft group)")

@@ -22,14 +22,19 @@ from .published import markdown as markdown_published
 from .sweep import tune_row
 
 MINI_TASKS = ("mnist", "dsprites_ori", "clevr_count")
+# The proxy suite (issue 26): the tasks on 200 training images, each method's rate chosen per task on val
+# (lr/3, lr, 3·lr around its own); what each lever did to its agreement with VTAB-1k is in BENCHMARKS.md.
+PROXY_TASKS, PROXY_IMAGES, PROXY_TUNE = ("mnist", "fractal", "dsprites_ori", "clevr_count"), 200, {"lr": ["x0.33", "x1", "x3"]}
 MINI_GROUP = {"mnist": "natural", "digits": "natural", "fractal": "natural", "dsprites_loc": "structured",
               "dsprites_ori": "structured", "clevr_count": "structured"}
 
 
 def suite_cells(suite: str, root: str | None, smoke: bool) -> tuple[list[tuple[str, str, str]], str, dict]:
-    """(task name, group, data spec) per task, the suite's backbone, and the training settings it fixes."""
-    if suite == "mini" or suite.startswith("offline:"):  # or a list of offline specs: offline:mnist:200,offline:...
-        specs = [f"offline:{t}" for t in MINI_TASKS] if suite == "mini" else suite.split(",")
+    """(task name, group, data spec) per task, the suite's backbone, and the training settings it fixes (the
+    proxy suite's ``tune`` grid among them)."""
+    if suite in ("mini", "proxy") or suite.startswith("offline:"):  # or a list of specs: offline:mnist:200,...
+        specs = {"mini": [f"offline:{t}" for t in MINI_TASKS],
+                 "proxy": [f"offline:{t}:{PROXY_IMAGES}" for t in PROXY_TASKS]}.get(suite) or suite.split(",")
         cells = []
         for spec in specs[:1] if smoke else specs:
             kind, _, where = spec.partition(":")
@@ -38,7 +43,8 @@ def suite_cells(suite: str, root: str | None, smoke: bool) -> tuple[list[tuple[s
                                  "comma-separated list of offline:TASK[:N]")
             task, n = parse_task(where)
             cells.append((task if n == 800 else f"{task}@{n}", MINI_GROUP[task], spec))
-        settings = {"protocol": "val", "epochs": 1 if smoke else 10, "warmup_epochs": 0 if smoke else 1}
+        settings = {"protocol": "val", "epochs": 1 if smoke else 10, "warmup_epochs": 0 if smoke else 1,
+                    **({"tune": PROXY_TUNE} if suite == "proxy" else {})}
         return cells, EMBEDDED_NAME, settings
     if root is None:
         raise ValueError(f"--suite {suite} needs --root (the folder holding the {suite} task folders)")
@@ -47,7 +53,7 @@ def suite_cells(suite: str, root: str | None, smoke: bool) -> tuple[list[tuple[s
     elif suite == "fgvc":
         cells = [(t, "fgvc", f"fgvc:{root}/{t}") for t in FGVC]
     else:
-        raise ValueError(f"unknown suite {suite!r}; use mini, vtab1k, fgvc or a list of offline:TASK[:N]")
+        raise ValueError(f"unknown suite {suite!r}; use mini, proxy, vtab1k, fgvc or a list of offline:TASK[:N]")
     return cells, "vit_base_patch16_224", {}
 
 
@@ -97,7 +103,8 @@ def run_grid(suite: str, rows: list[Row], seeds: list[int], out: Path, root: str
     first seed (``<task>/<row>_tuned/tune/``; test is never read), then runs that row's cells with it."""
     cells, suite_model, settings = suite_cells(suite, root, smoke)
     seeds = seeds[:1] if smoke else seeds
-    settings = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
+    tune = tune or settings.pop("tune", None)  # the suite's own (the proxy's), unless --tune says otherwise
+    settings = {**{k: v for k, v in settings.items() if k != "tune"}, **{k: v for k, v in overrides.items() if v is not None}}
     model, weights = model or suite_model, weights or "pretrained"
     launcher = launcher or Launcher()
     folder = {(task, row.folder): out / task / (f"{row.folder}_tuned" if tune else row.folder) for task, _, _ in cells
