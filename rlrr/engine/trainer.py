@@ -39,6 +39,11 @@ from .optim import build_optimizer, build_scheduler
 from .tracking import Tracking, parse_trackers
 
 PROTOCOLS = ("retrain", "val", "test", "search")
+# What each protocol runs: phases of (name, split trained on, split evaluated each epoch — the one the epoch
+# is chosen on; None: none, the epoch count is the one chosen before).  A resumed run continues its phase.
+PHASES = {"retrain": [("select", "train", "val"), ("final", "trainval", None)],
+          "val": [("select", "train", "val")], "search": [("select", "train", "val")],
+          "test": [("official", "trainval", "test")]}
 RUN_FILES = ("checkpoint.pt", "summary.json", "adapter.safetensors", "best_adapter.safetensors", "metrics.jsonl",
              "metrics.csv", "curves.png")
 # may change on --resume: how a run is executed, not what it computes
@@ -249,9 +254,7 @@ class Trainer:
         cfg = self.cfg
         if resumed:
             self.state = resumed
-        phases = {"retrain": [("select", "train", "val"), ("final", "trainval", None)],
-                  "val": [("select", "train", "val")], "search": [("select", "train", "val")],
-                  "test": [("official", "trainval", "test")]}[cfg.protocol]
+        phases = PHASES[cfg.protocol]
         names = [p for p, *_ in phases]
         start = names.index(self.state["phase"]) if self.state["phase"] in names else 0
         model = None
