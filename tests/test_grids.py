@@ -114,17 +114,18 @@ def test_the_sweep_never_reads_the_test_split_before_its_choice(tmp_path):
 
 def test_bench_tune_chooses_each_rows_rate_on_val_and_says_which(tmp_path, capsys):
     out = tmp_path / "tuned"
-    assert main(["bench", "--smoke", "--methods", "rlrr", "--tune", "lr=x0.5,x2", "--output", str(out)]) == 0
+    suite = ["--suite", "offline:digits", "--epochs", "1"]  # digits: a small test split, a quick test
+    assert main(["bench", *suite, "--seeds", "0", "--methods", "rlrr", "--tune", "lr=x0.5,x2", "--output", str(out)]) == 0
     text = capsys.readouterr().out
-    tune = out / "mnist" / "rlrr_tuned" / "tune"
+    tune = out / "digits" / "rlrr_tuned" / "tune"
     trials = {}
-    for folder in (tune / "trials").iterdir():  # the rates are multiples of RLRR's 0.06 in the mnist config
+    for folder in (tune / "trials").iterdir():  # the rates are multiples of RLRR's 0.06 in the digits config
         res = json.loads((folder / "summary.json").read_text())
         assert res["protocol"] == "search" and res["test_acc"] is None  # trials never test
         trials[res["config"]["lr"]] = res["val_acc"]
     assert sorted(trials) == [0.03, 0.12]
     chosen = max(trials, key=trials.get)
-    cell = json.loads((out / "mnist" / "rlrr_tuned" / "seed0" / "summary.json").read_text())
+    cell = json.loads((out / "digits" / "rlrr_tuned" / "seed0" / "summary.json").read_text())
     assert cell["config"]["lr"] == chosen and cell["protocol"] == "val" and cell["test_acc"] is not None
     assert f"| rlrr | {chosen:g} |" in text  # the table says which rate the row got
     import csv
@@ -135,7 +136,7 @@ def test_bench_tune_chooses_each_rows_rate_on_val_and_says_which(tmp_path, capsy
     args[args.index("--output") + 1] = str(tmp_path / "recheck")
     assert args[:2] == ["rlrr", "train"] and main(args[1:] + ["--no-progress"]) == 0
     assert json.loads((tmp_path / "recheck" / "summary.json").read_text())["test_acc"] == cell["test_acc"]
-    assert main(["bench", "--smoke", "--methods", "rlrr", "--tune", "lr=x0.5,0.1", "--output", str(out)]) == 2
+    assert main(["bench", *suite, "--methods", "rlrr", "--tune", "lr=x0.5,0.1", "--output", str(out)]) == 2
     assert "every value of lr as a multiple" in capsys.readouterr().err
 
 

@@ -195,9 +195,9 @@ def test_log_sends_each_run_to_tensorboard_mlflow_and_wandb_read_back_by_their_o
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     out = tmp_path / "grid"
-    assert main(["bench", "--smoke", "--methods", "linear", "--epochs", "2", "--log", "tensorboard,mlflow,wandb",
-                 "--output", str(out)]) == 0
-    cell = out / "mnist" / "linear" / "seed0"
+    assert main(["bench", "--suite", "offline:digits", "--seeds", "0", "--methods", "linear", "--epochs", "2",
+                 "--log", "tensorboard,mlflow,wandb", "--output", str(out)]) == 0
+    cell = out / "digits" / "linear" / "seed0"
     res = json.loads((cell / "summary.json").read_text())
     rows = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
     ea = EventAccumulator(str(cell / "tensorboard"))
@@ -208,7 +208,7 @@ def test_log_sends_each_run_to_tensorboard_mlflow_and_wandb_read_back_by_their_o
     assert "curves" in ea.Tags()["images"]
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
-    assert run.info.run_name == "mnist/linear/seed0" and run.info.status == "FINISHED"
+    assert run.info.run_name == "digits/linear/seed0" and run.info.status == "FINISHED"
     assert run.data.params["method"] == "linear" and float(run.data.params["lr"]) == res["config"]["lr"]
     assert int(run.data.params["params.trainable_params"]) == res["trainable_params"]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "val_acc")] == \
@@ -217,7 +217,7 @@ def test_log_sends_each_run_to_tensorboard_mlflow_and_wandb_read_back_by_their_o
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["curves.png"]
     records = wandb_records(cell / "wandb")
     (start,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    assert (start.run_group, start.display_name) == ("grid", "mnist/linear/seed0")
+    assert (start.run_group, start.display_name) == ("grid", "digits/linear/seed0")
     history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     assert [h["val_acc"] for h in history if "val_acc" in h] == pytest.approx([r["val_acc"] for r in rows])
