@@ -57,7 +57,8 @@ def table() -> str:
     fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
     return markdown_table(["lever", "tasks", "seeds", "cells", "CPU min", "Spearman ρ (95% over seeds)", "Kendall τ-b",
                            "pairs in order"],
-                          [[k["lever"], ", ".join(k["tasks"]), len(k["seeds"]), k["cells"], k["cpu_minutes"],
+                          [[k["lever"], ", ".join(k["tasks"]), len(k["seeds"]), k["cells"],
+                            "—" if k["cpu_minutes"] is None else k["cpu_minutes"],
                             fmt(k["spearman"]) + (f" ({fmt(k['interval'][0])} to {fmt(k['interval'][1])})"
                                                   if k.get("interval") else ""),
                             fmt(k["kendall_tau_b"]), fmt(k["pairs_in_order"])] for k in kept])
