@@ -52,6 +52,24 @@ def record(out: Path, name: str, lever: str, command: str) -> dict:
     return row
 
 
+def task_subsets(out: Path) -> str:
+    """The task-set lever measured for free: the agreement of every subset of a finished bench's tasks, from
+    the same cells (no training).  Read it as a measurement, not a menu: picking the subset with the best ρ
+    fits nine published numbers, not a phenomenon."""
+    from itertools import combinations
+    from rlrr.grid.agreement import agreement
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        rows = [{**r, "test_acc": float(r["test_acc"]), "seed": int(r["seed"])} for r in csv.DictReader(f)]
+    tasks = sorted({r["task"] for r in rows})
+    fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = []
+    for k in range(1, len(tasks) + 1):
+        for keep in combinations(tasks, k):
+            a = agreement([r for r in rows if r["task"] in keep])
+            lines.append([", ".join(keep), fmt(a["spearman"]), fmt(a["kendall"]), fmt(a["pairs"])])
+    return markdown_table(["tasks", "Spearman ρ", "Kendall τ-b", "pairs in order"], lines)
+
+
 def table() -> str:
     kept = [json.loads(line) for line in LEVERS.read_text().splitlines()]
     fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
@@ -71,8 +89,11 @@ if __name__ == "__main__":
     p.add_argument("--lever", help="what was changed, in words")
     p.add_argument("--command", help="the bench command that made the folder")
     p.add_argument("--table", action="store_true", help="print the recorded levers as markdown")
+    p.add_argument("--subsets", action="store_true", help="with --output: the agreement of every subset of its tasks")
     a = p.parse_args()
-    if a.output:
+    if a.output and a.subsets:
+        print(task_subsets(a.output))
+    elif a.output:
         print(json.dumps(record(a.output, a.name, a.lever, a.command), indent=1))
     if a.table:
         print(table())
