@@ -196,7 +196,7 @@ class Trainer:
             scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"])
 
-    def _resume_state(self) -> dict | None:
+    def _resume_state(self, resume: bool) -> dict | None:
         """The saved state to continue, after refusing what would lose work or mix two runs."""
         finished, started = (self.out / "summary.json").is_file(), self.ckpt_path.is_file()
         if self.overwrite:
@@ -204,7 +204,7 @@ class Trainer:
                 for f in RUN_FILES:
                     (self.out / f).unlink(missing_ok=True)
             return None
-        if not self.resume:
+        if not resume:
             if finished or started:
                 what = "a finished run (summary.json)" if finished else "an unfinished run (checkpoint.pt)"
                 raise TrainingStopped(f"{self.out} holds {what}; pass --resume to continue it, --overwrite to "
@@ -228,15 +228,14 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
-        self.resume = resume
         if self.rank != 0:
-            return self._fit()
+            return self._fit(resume)
         with run_lock(self.out):
-            return self._fit()
+            return self._fit(resume)
 
-    def _fit(self) -> dict:
+    def _fit(self, resume: bool) -> dict:
         cfg = self.cfg
-        resumed = self._resume_state()
+        resumed = self._resume_state(resume)
         self.tracking = None
         if cfg.log and self.rank == 0:
             group = Path(cfg.log_group) if cfg.log_group else None
