@@ -201,6 +201,17 @@ class Sweep:
                 trial.suggest_categorical(k, v)
             return trial
 
+    def pending(self, study) -> bool:
+        """Whether any trial is left to run: the budget not met and a setting of the grid not yet taken (done,
+        or failed by its own error), as ``claim`` counts them."""
+        from optuna.trial import TrialState
+        trials = study.get_trials(deepcopy=False)
+        live = (TrialState.COMPLETE, TrialState.PRUNED)
+        if sum(t.state in live for t in trials) >= self.trials:
+            return False
+        taken = {setting_folder(t.params) for t in trials if t.state in live or "error" in t.user_attrs}
+        return any(setting_folder(p) not in taken for p in grid_order(self.grid))
+
     def owner(self) -> str:
         """This process's name in the journal, and the lock it holds while it lives (until it exits)."""
         name = f"{socket.gethostname()}-{os.getpid()}"
@@ -280,7 +291,8 @@ class Sweep:
             raise ValueError(f"{self.out} holds a sweep run with {diff}; pass another --output or delete it")
         if launcher.kind == "local" and launcher.workers == 1:
             self.work()
-        else:  # workers share the journal: each claims the next setting in grid order until the budget is met
+        elif self.pending(study):  # workers share the journal: each claims the next setting in grid order until
+            # the budget is met (none are started for a finished sweep: a bench's tuned rows are read back)
             launch([(f"sweep worker {i}", _work, {"sweep": self}) for i in range(launcher.workers)], launcher,
                    self.out / "logs")
         trials = self.study().trials
