@@ -75,6 +75,10 @@ def test_sweep_chooses_on_val_writes_a_task_yaml_and_resumes(tmp_path, capsys):
     assert main(sweep_args(out)) == 0  # a second call reads everything back
     assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == stamps
     assert "running" not in capsys.readouterr().out
+    (out / "optuna.journal").unlink()  # the journal lost (a kill before a finished trial was told): the trials'
+    assert main(sweep_args(out)) == 0   # finished runs are read back, not retrained, and choose the same
+    assert json.loads((out / "sweep.json").read_text())["best"] == summary["best"]
+    assert "% val" in capsys.readouterr().out and {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == stamps
     assert main(sweep_args(out, "--weight-decay", "0.01")) == 2  # another sweep into the same folder: refused
     assert "holds a sweep run with train=" in capsys.readouterr().err
 

@@ -63,7 +63,8 @@ def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method
         if changed:
             raise ValueError(f"{cell} was run with {changed}; delete that folder to re-run it with the current "
                              "settings, or pass another --output")
-        print(f"{label}: done, {res['test_acc']:.2f}%")
+        score = f"{res['test_acc']:.2f}% test" if res.get("test_acc") is not None else f"{res['val_acc']:.2f}% val"
+        print(f"{label}: done, {score}")  # a sweep's trial is never tested
         return res
     print(f"{label}: running", flush=True)
     return run_experiment(model, weights, spec, cell, method, method_opts, resume=True, verbose=False,
