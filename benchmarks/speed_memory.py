@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import rlrr
+from rlrr.engine.compile import compiled
 from rlrr.engine.memory import saved_activation_bytes
 from timing import best_interleaved, median_seconds, sync
 
@@ -45,9 +46,7 @@ def train_step_child(model: str, img: int, method: str, batch: int, steps: int, 
     m = build(model, img, method, device).train()
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, 1e-4) if params else None
-    step_fn = m
-    if compile_:
-        step_fn = torch.compile(m)
+    step_fn = compiled(m, "inductor" if compile_ else "none")  # the path --compile takes
     x = torch.randn(batch, 3, img, img, device=device, requires_grad=method == "frozen")
     y = torch.randint(0, 100, (batch,), device=device)
 
