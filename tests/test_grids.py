@@ -149,7 +149,7 @@ def test_the_proxy_suite_tunes_every_rate_on_its_small_tasks(tmp_path, capsys):
     out = tmp_path / "proxy"
     assert main(["bench", "--suite", "proxy", "--smoke", "--methods", "linear", "--output", str(out)]) == 0
     trials = sorted(p.name for p in (out / "mnist@200" / "linear_tuned" / "tune" / "trials").iterdir())
-    assert trials == ["lr-0.033", "lr-0.1", "lr-0.3"]  # x0.33, x1, x3 around linear's own 0.1
+    assert trials == ["lr-0.01", "lr-0.033", "lr-0.1", "lr-0.3"]  # x0.1, x0.33, x1, x3 around linear's own 0.1
     cell = json.loads((out / "mnist@200" / "linear_tuned" / "seed0" / "summary.json").read_text())
     assert cell["settings"]["data"] == "offline:mnist:200" and cell["protocol"] == "val"
     text = capsys.readouterr().out
