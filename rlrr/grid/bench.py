@@ -104,8 +104,9 @@ def run_grid(suite: str, rows: list[Row], seeds: list[int], out: Path, root: str
     first seed (``<task>/<row>_tuned/tune/``; test is never read), then runs that row's cells with it."""
     cells, suite_model, settings = suite_cells(suite, root, smoke)
     seeds = seeds[:1] if smoke else seeds
-    tune = tune or settings.pop("tune", None)  # the suite's own (the proxy's), unless --tune says otherwise
-    settings = {**{k: v for k, v in settings.items() if k != "tune"}, **{k: v for k, v in overrides.items() if v is not None}}
+    suite_tune = settings.pop("tune", None)
+    tune = tune or suite_tune  # the suite's own (the proxy's), unless --tune says otherwise
+    settings = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
     model, weights = model or suite_model, weights or "pretrained"
     launcher = launcher or Launcher()
     folder = {(task, row.folder): out / task / (f"{row.folder}_tuned" if tune else row.folder) for task, _, _ in cells
