@@ -335,8 +335,10 @@ def test_ctrl_c_during_training_says_how_to_resume(task, tmp_path):
     out = tmp_path / "run"
     code = ("import sys; from rlrr.cli import main; sys.exit(main(sys.argv[1:]))")
     args = ["train", *TINY[:-2], "--epochs", "200", "--data", f"vtab1k:{task}", "--output", str(out)]
+    # Ctrl-C as in a terminal, also where the suite runs as a background job (whose children ignore SIGINT)
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(3000):  # until the first checkpoint (up to 5 min on a loaded machine): then the interrupt lands mid-training
         if (out / "checkpoint.pt").exists() or proc.poll() is not None:
             break
