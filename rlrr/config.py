@@ -3,6 +3,8 @@ VTAB-1k and FGVC, CPU-sized ones for the offline tasks; the YAML reading and the
 user-written value (config files, ``--method-opt``, ``--pace``, adapter metadata) goes through."""
 from __future__ import annotations
 
+import json
+
 import re
 import types
 import typing
@@ -141,3 +143,14 @@ def method_opts(task: dict, method: str) -> dict:
     if not isinstance(opts, dict):
         raise ValueError(f"method_opts.{method} in the task config must be a mapping (key: value), not {opts!r}")
     return opts
+
+
+def flat(values: dict, prefix: str = "") -> dict:
+    """Nested option dicts as one level of dotted keys, JSON-normalised (tuples and lists compare alike): how a
+    finished cell's settings are compared, and what a tracker's flat parameter list takes."""
+    if not prefix:
+        values = json.loads(json.dumps(values))  # once, at the top: nested dicts are already plain
+    out = {}
+    for k, v in values.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out

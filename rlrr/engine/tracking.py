@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
+from ..config import flat
 from ..extras import need
 from ..files import atomic_write
 
@@ -34,17 +34,6 @@ def parse_trackers(value: str | list | tuple | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def flat_params(values: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested config values as one level of dotted keys (what MLflow's params and TensorBoard's text take)."""
-    out: dict[str, Any] = {}
-    for k, v in values.items():
-        if isinstance(v, dict):
-            out.update(flat_params(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 class Tracking:
     """The trackers of one run.  ``start`` (config and parameter counts), ``epoch`` (one metrics row),
     ``finish`` (test result and figure); ``close`` ends them however the run ended."""
@@ -61,7 +50,7 @@ class Tracking:
 
     def start(self, config: dict, counts: dict) -> None:
         self.started = True
-        params = flat_params({**config, "params": counts})
+        params = flat({**config, "params": counts})
         if "tensorboard" in self.names:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(log_dir=str(self.out / "tensorboard"))

@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..config import flat
 from ..engine.experiment import plan, run_experiment
 
 
@@ -91,13 +92,3 @@ def changes(res: dict, model: str, spec: str, method: str, method_opts: dict | N
                 "method": res.get("method_config", {}), "model": recorded.get("model", model),
                 "data": recorded.get("data", spec), **{k: recorded[k] for k in extra}})
     return ", ".join(f"{k}={v!r} (now {now.get(k)!r})" for k, v in was.items() if v != now.get(k))
-
-
-def flat(values: dict, prefix: str = "") -> dict:
-    """Nested option dicts as one level of dotted keys, JSON-normalised (tuples and lists compare alike)."""
-    if not prefix:
-        values = json.loads(json.dumps(values))  # once, at the top: nested dicts are already plain
-    out = {}
-    for k, v in values.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
