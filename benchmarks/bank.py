@@ -9,13 +9,15 @@ its own 10-class head.  Per batch, in one run and interleaved:
 * swap         — one RLRR model whose tensors are swapped per task, each task's sub-batch run in turn
                  (eval mode forms W' per swap: a merge per task);
 * resident     — K merged copies kept in memory, each running its sub-batch (only where K copies fit);
+* bank compiled — with ``--compile BACKEND``: ``AdapterBank(compile=...)``, the shared form as one graph
+                 (warmed up on the batch first: the compile time is printed, not timed);
 * peft LoRA    — peft's mixed-batch LoRA (r=8 on q, v; ``adapter_names=``), for context: its per-sample
                  update is a rank-8 product, cheaper by construction than RLRR's full-rank rescale.
 
 Also the bank's memory per added task (the bytes of its stacked tensors and head) against the task's
 adapter file size.
 
-    python benchmarks/bank.py [--ks 1,4,16,64] [--batch 64] [--img 112] [--reps 3]
+    python benchmarks/bank.py [--ks 1,4,16,64] [--batch 64] [--img 112] [--reps 3] [--compile inductor]
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import copy
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -55,6 +58,7 @@ def main() -> None:
     ap.add_argument("--img", type=int, default=112)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--resident-max", type=int, default=16, help="largest K whose merged copies are kept")
+    ap.add_argument("--compile", default=None, metavar="BACKEND", help="also time the compiled bank")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -70,6 +74,8 @@ def main() -> None:
     # forced forms without the kept W' (each call forms what it needs); auto as served
     banks = {mode: rlrr.AdapterBank(copy.deepcopy(base), mode=mode, keep_last=mode == "auto")
              for mode in ("auto", "shared", "grouped")}
+    if args.compile:
+        banks["compiled"] = rlrr.AdapterBank(copy.deepcopy(base), compile=args.compile)
     memory = measure_memory(banks["auto"], paths[0], 2)
     swap = rlrr.apply(copy.deepcopy(base), rlrr.RLRRConfig()).eval()
     states = [read_adapter(p)[0] for p in paths]
@@ -81,6 +87,10 @@ def main() -> None:
                 if n not in bank.tasks:
                     bank.add(n, p)
         tasks = [names[i * k // args.batch] for i in range(args.batch)]  # contiguous, even split
+        if args.compile:
+            start = time.perf_counter()
+            banks["compiled"](x, tasks)
+            print(f"K={k}: compiled bank's first batch {time.perf_counter() - start:.1f} s", flush=True)
         parts = [[i for i, t in enumerate(tasks) if t == n] for n in names]
 
         def swapped() -> None:

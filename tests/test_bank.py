@@ -134,3 +134,32 @@ def test_an_empty_batch_is_an_empty_answer_and_another_architecture_is_named_bef
     assert "input size" not in str(e.value) and "--img-size" not in str(e.value)
     bank.add("mine", rlrr.save_adapter(rlrr.apply(backbone("vit"), rlrr.RLRRConfig()), tmp_path / "mine.safetensors"))
     assert bank(torch.randn(0, 3, 32, 32), []) == []
+
+
+def test_a_compiled_bank_serves_any_task_mix_with_one_graph(trained):
+    """Compiled, every batch runs the per-row form: the same logits as each task's merged model, and no new
+    graph for a new task mix, batch size or task set of the same shapes (only the first batch compiles)."""
+    from torch._dynamo.utils import counters
+    family, tasks = trained
+    side = FAMILIES[family][1]
+    names = list(tasks)
+    refs = {n: m for n, (_, m) in tasks.items()}
+    if family == "convnext":  # RLRR rescales ConvNeXt's convs, which have no per-row form
+        bank = AdapterBank(backbone(family), compile="aot_eager")
+        with pytest.raises(AdapterMismatchError, match="rescales convolutions .* without --compile") as e:
+            bank.add("rlrr", tasks["rlrr"][0])
+        assert "\n" not in str(e.value) and not bank.tasks
+        return
+    bank = AdapterBank(backbone(family), {n: p for n, (p, _) in tasks.items()}, compile="aot_eager")
+    mixed = names * 2
+    random.Random(0).shuffle(mixed)
+    check(bank, refs, mixed, side)
+    graphs = counters["stats"]["unique_graphs"]
+    check(bank, refs, names, side, seed=1)
+    check(bank, refs, [names[0]] * 5, side, seed=2)
+    bank.remove(names[1])
+    bank.add(names[1], tasks[names[0]][0])  # another task's tensors in a slot of the same shapes
+    refs = {**refs, names[1]: refs[names[0]]}
+    check(bank, refs, names[::-1] + names[:3], side, seed=5)
+    assert counters["stats"]["unique_graphs"] == graphs
+    check(bank, refs, [names[-1]], side, seed=3)  # a single image (torch specialises size 1: may compile once)

@@ -349,3 +349,25 @@ def test_serve_flags_that_cannot_work_are_one_line(tmp_path, capsys):
     assert "--adapter a= is given twice" in capsys.readouterr().err
     assert main(["serve", "--port", "70000"]) == 2
     assert "must be a port number 1-65535" in capsys.readouterr().err
+
+
+def test_a_compiled_service_answers_mixed_concurrent_requests_as_the_eager_one(server):
+    url, folder, images = server
+    proc, compiled_url = start(["--adapters", str(folder), "--compile", "aot_eager", "--max-batch", "16",
+                                "--max-wait-ms", "50", "--timeout-s", "600"])  # the first batch compiles
+    try:
+        asks = [(i, task) for i in range(4) for task in TASKS]
+        with ThreadPoolExecutor(len(asks)) as pool:  # concurrent: batches of several tasks and sizes
+            got = list(pool.map(lambda a: classify(compiled_url, png(images, a[0]), a[1]), asks))
+        for (i, task), r in zip(asks, got):
+            assert r.status_code == 200, r.text
+            want = classify(url, png(images, i), task).json()["top"]
+            assert [t["label"] for t in r.json()["top"]] == [t["label"] for t in want]
+            assert [t["prob"] for t in r.json()["top"]] == pytest.approx([t["prob"] for t in want], abs=1e-4)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = subprocess.run([sys.executable, "-m", "rlrr.cli", "serve", "--model", MODEL, "--compile", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--compile nope: not a torch.compile backend" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

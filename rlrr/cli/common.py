@@ -140,9 +140,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
-def add_compile_arg(p: argparse.ArgumentParser) -> None:
+def add_compile_arg(p: argparse.ArgumentParser, what: str = "the model") -> None:
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="torch.compile the model (default backend inductor; aot_eager needs no C++ compiler)")
+                   help=f"torch.compile {what} (default backend inductor; aot_eager needs no C++ compiler)")
 
 
 def add_execution_args(p: argparse.ArgumentParser) -> None:

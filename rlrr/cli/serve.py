@@ -5,7 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .common import add_model_args, at_least, backbone, data_config
+from .common import add_compile_arg, add_model_args, at_least, backbone, data_config
 
 TOKEN_ENV = "RLRR_SERVE_TOKEN"
 
@@ -34,9 +34,9 @@ def cmd_serve(args) -> None:
     if args.protect_inference and not token:
         raise ValueError(f"--protect-inference needs a token; set --token or {TOKEN_ENV}")
     model = backbone(args, None)
-    service = Service(AdapterBank(model, mode=args.mode), eval_transform(data_config(model), "none"), folder, pinned,
-                      args.max_batch, args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
-                      token=token, protect_inference=args.protect_inference)
+    bank = AdapterBank(model, mode=args.mode, compile=args.compile or "none")
+    service = Service(bank, eval_transform(data_config(model), "none"), folder, pinned, args.max_batch, args.max_wait_ms,
+                      max_queue=args.max_queue, timeout_s=args.timeout_s, token=token, protect_inference=args.protect_inference)
     serve(service, args.host, args.port)
 
 
@@ -79,5 +79,7 @@ def add_commands(sub) -> None:
                    help="serve a non-loopback --host without a token (anyone who reaches it can change the tasks)")
     p.add_argument("--mode", choices=["auto", "shared", "grouped"], default="auto",
                    help="how adapted layers run a mixed batch (see rlrr.serving.bank)")
+    add_compile_arg(p, "the bank: every batch in the shared form, one graph for any task mix and batch size "
+                       "(--mode is then unused; RLRR on convolutions is refused)")
     p.set_defaults(func=cmd_serve)
 

@@ -56,6 +56,7 @@ class Rows:
     ``segments`` are ``(task slot, first sample, samples)``, so each task's rows are one slice."""
     segments: list[tuple[int, int, int]] | None = None
     whole: bool = False  # the segments are the whole batch (not one task's slice run on its own)
+    ids: torch.Tensor | None = None  # the traced form: each sample's task slot, unsorted; every layer per row
 
     def spans(self, x: torch.Tensor) -> list[tuple[int, int, int]]:
         """``(task slot, first row, end row)`` of a layer's input: samples in consecutive blocks of rows."""
@@ -68,6 +69,8 @@ class Rows:
 
     def of(self, x: torch.Tensor) -> torch.Tensor:
         """The task slot of each row of a layer's input (for the per-row forms)."""
+        if self.ids is not None:  # tensor ops only: no Python decision on the batch's task mix
+            return self.ids.repeat_interleave(x.shape[0] // self.ids.shape[0])
         spans = self.spans(x)
         return torch.cat([torch.full((b - a,), t, device=x.device) for t, a, b in spans])
 
@@ -205,6 +208,8 @@ class WeightSite(Site):
         return x.shape[0] * tokens >= GROUPED_ROWS * len(spans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows.ids is not None:
+            return self.shared(x, self.rows.of(x))
         spans = self.rows.spans(x)
         if len(spans) == 1:  # one task's rows: its own layer; a whole batch of one task keeps its W'
             t = spans[0][0]
@@ -215,7 +220,10 @@ class WeightSite(Site):
             return self.task_forward(x, t, self.last[1])
         if self.grouped(x, spans):
             return self.per_span(x, spans, self.task_forward)
-        tr = self.rows.of(x)
+        return self.shared(x, self.rows.of(x))
+
+    def shared(self, x: torch.Tensor, tr: torch.Tensor) -> torch.Tensor:
+        """Every row at once, ``tr`` its task slots: W for all, the tasks' updates gathered per row."""
         y = self.op(x, self.base.weight)
         s = self.stack
         if "scale_l" in s:  # += s_l[t] ⊙ ((x ⊙ s_r[t]) W_gᵀ) in place, per rank k and row block g of W
@@ -260,13 +268,19 @@ class NormSite(Site):
         return torch.func.functional_call(n, own, (x,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows.ids is not None:
+            return self.shared(x, self.rows.of(x))
         spans = self.rows.spans(x)
         if len(spans) <= SPAN_NORMS:
             return self.per_span(x, spans, self.task_forward)
+        return self.shared(x, self.rows.of(x))
+
+    def shared(self, x: torch.Tensor, tr: torch.Tensor) -> torch.Tensor:
+        """Every row at once, ``tr`` its task slots: the norm without its affine, then each row's affine."""
         n = self.base
         plain = {name: torch.ones_like(getattr(n, name)) if k == "gamma" else torch.zeros_like(getattr(n, name))
                  for k, name in zip(("gamma", "bias"), self.names) if name}
-        return self.affine_out(torch.func.functional_call(n, plain, (x,)), self.rows.of(x), self.dim)
+        return self.affine_out(torch.func.functional_call(n, plain, (x,)), tr, self.dim)
 
 
 @dataclass
@@ -283,11 +297,16 @@ class AdapterBank(nn.Module):
     ``add(name, path)`` / ``remove(name)`` at any time; ``mode``: "auto", "shared" or "grouped" (module
     docstring);
     ``keep_last``: keep the W' of the last batch that held one task, so that consecutive batches of one
-    task cost what the plain backbone costs (memory: one copy of the adapted weights).
+    task cost what the plain backbone costs (memory: one copy of the adapted weights);
+    ``compile``: a torch.compile backend ("none": eager).  The eager forms are chosen per batch in Python
+    from its task mix, which a compiled graph would be guarded on and rebuilt for at every new mix; compiled,
+    the bank runs every batch in the shared form with each sample's task slot as a tensor (``Rows.ids``),
+    so one graph serves any mix and batch size (rebuilt as the task set first grows, not per batch).  Conv sites with
+    an RLRR rescale (not per channel) have no per-row form and are refused when compiled.
     """
 
     def __init__(self, backbone: nn.Module, adapters: dict[str, str | Path] | None = None, mode: str = "auto",
-                 keep_last: bool = True):
+                 keep_last: bool = True, compile: str = "none"):
         super().__init__()
         if mode not in ("auto", "shared", "grouped"):
             raise ValueError(f"mode must be 'auto', 'shared' or 'grouped', not {mode!r}")
@@ -296,6 +315,11 @@ class AdapterBank(nn.Module):
                              "is not one")
         self.model, self.mode, self.keep_last, self.rows = backbone.eval().requires_grad_(False), mode, keep_last, Rows()
         self.fingerprint = fingerprint(backbone)
+        self.traced = None
+        if compile != "none":
+            from ..engine.compile import check_backend
+            check_backend(compile)
+            self.traced = torch.compile(self.pre_logits, backend=compile)
         self.tasks: dict[str, Task] = {}
         for name, path in (adapters or {}).items():
             self.add(name, path)
@@ -328,6 +352,10 @@ class AdapterBank(nn.Module):
         frozen = {n: m.base if isinstance(m, Site) else m for n, m in self.model.named_modules()}
         with torch.no_grad():
             sites, head = task_sites(adapted, frozen)
+        convs = [n for n, (_, values, _) in sites.items() if "scale_l" in values and isinstance(frozen[n], nn.Conv2d)]
+        if self.traced is not None and convs:
+            raise AdapterMismatchError(f"{path}: its RLRR rescales convolutions ({convs[0]}), which a compiled bank "
+                                       "cannot run per sample; serve it without --compile")
         for site_name, (kind, values, rescaler) in sites.items():
             site = self.site(site_name, kind)
             if rescaler is not None and (site.rescaler is None or rescaler.scale_l.shape[1] > site.rescaler.scale_l.shape[1]):
@@ -365,13 +393,26 @@ class AdapterBank(nn.Module):
         return site
 
     # --- serving -----------------------------------------------------------------------------------
+    def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
     def features(self, x: torch.Tensor, segments: list[tuple[int, int, int]], whole: bool) -> torch.Tensor:
         """Pre-logit features of ``x`` whose samples are ``segments`` (task slot, first, count)."""
         self.rows.segments, self.rows.whole = segments, whole
         try:
-            return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+            return self.pre_logits(x)
         finally:
             self.rows.segments = None
+
+    def traced_features(self, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """Pre-logit features of ``x`` (in its own order) through the compiled per-row graph."""
+        self.rows.ids = torch.tensor(slots, device=x.device)
+        torch._dynamo.mark_dynamic(x, 0)  # any batch size, one graph
+        torch._dynamo.mark_dynamic(self.rows.ids, 0)
+        try:
+            return self.traced(x)
+        finally:
+            self.rows.ids = None
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, tasks: list[str]) -> list[torch.Tensor]:
@@ -391,7 +432,9 @@ class AdapterBank(nn.Module):
                 segments.append((slots[order[start]], start, i - start))
                 start = i
         x = images if order == list(range(len(order))) else images[order]
-        if self.mode == "auto" and len(segments) > 1 and len(tasks) >= GROUPED_SAMPLES * len(segments):
+        if self.traced is not None:
+            feats = self.traced_features(x, [slots[i] for i in order])
+        elif self.mode == "auto" and len(segments) > 1 and len(tasks) >= GROUPED_SAMPLES * len(segments):
             feats = torch.cat([self.features(x[a:a + c], [(t, 0, c)], False) for t, a, c in segments])
         else:
             feats = self.features(x, segments, True)
