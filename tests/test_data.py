@@ -89,7 +89,7 @@ def test_missing_split_folders_are_held_out_of_train_and_said(tmp_path, caplog):
     assert (len(s.train), len(s.val), len(s.test)) == (16, 4, 6)
     assert not {p for p, _ in s.train.items} & {p for p, _ in s.val.items}
     assert all(p.parent.parent.name == "train" for p, _ in s.val.items)
-    assert "no val/ folder; held out 20% of train/ as val (seed 1)" in caplog.text
+    assert "no val folder; held out 20% of train/ as val (seed 1)" in caplog.text
     only = make_splits(tmp_path / "e", {"training": {"a": 10, "b": 10}})
     s = build_data(f"folder:{only}", CFG, seed=0)
     assert (len(s.train), len(s.val), len(s.test), s.num_classes) == (12, 4, 4, 2)

@@ -43,6 +43,18 @@ def _holdout(items: list, seed: int, val_frac: float = 0.2, test_frac: float = 0
     return {"train": train, "val": val, "trainval": train + val, "test": test}
 
 
+def fill_splits(given: dict[str, list], seed: int, where: str, kind: str, source: str) -> dict[str, list]:
+    """``given`` (train, and val / test where the data has them) with each missing one held out of train (20%,
+    seeded) and said in a warning: folders and HF datasets alike ("``where``: no val ``kind``; held out 20% of
+    ``source`` as val")."""
+    missing = [s for s in ("val", "test") if s not in given]
+    if missing:
+        log.warning("%s: no %s %s; held out 20%% of %s as %s (seed %d)", where, " or ".join(missing), kind, source,
+                    " and 20% as ".join(missing), seed)
+    carved = _holdout(given["train"], seed, *(0.2 if s in missing else 0.0 for s in ("val", "test")))
+    return {**carved, **{s: given[s] for s in ("val", "test") if s in given}}
+
+
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"), "test": ("test", "testing")}
 
 
@@ -75,12 +87,7 @@ def folder_items(root: Path, seed: int) -> tuple[dict[str, list], list[str]]:
                             "class needs training images: add them or remove the folder")
         given[split] = [(p, index[classes[i]]) for p, i in items]
     warn_near_twins(str(dirs["train"]), names)  # once: train's folders name the classes
-    missing = [s for s in ("val", "test") if s not in given]
-    if missing:
-        log.warning("folder %s: no %s folder; held out 20%% of %s/ as %s (seed %d)", root, " or ".join(
-            f"{s}/" for s in missing), dirs["train"].name, " and 20% as ".join(missing), seed)
-    carved = _holdout(given["train"], seed, *(0.2 if s in missing else 0.0 for s in ("val", "test")))
-    splits = {**carved, **{s: given[s] for s in ("val", "test") if s in given}}
+    splits = fill_splits(given, seed, f"folder {root}", "folder", f"{dirs['train'].name}/")
     splits["trainval"] = splits["train"] + splits["val"]
     return splits, names
 
@@ -137,7 +144,7 @@ def build_data(spec: str, data_cfg: dict, kind_aug: str | None = None, seed: int
             n = len(names)
         elif kind == "hfds":
             from .hfds import hf_splits
-            items, tables, names, n = hf_splits(where, seed, _holdout)
+            items, tables, names, n = hf_splits(where, seed)
             inferred, aug = names is None, kind_aug or "fgvc"
         elif kind == "csv":
             all_items, names = csv_list(path)

@@ -12,7 +12,6 @@ are opened by the project's reader, so modes, EXIF rotation and decompression bo
 from __future__ import annotations
 
 import io
-import logging
 from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl
@@ -22,7 +21,6 @@ from torch.utils.data import Dataset
 from ..extras import need
 from .images import DataError, open_rgb
 
-log = logging.getLogger(__name__)
 
 LABEL_NAMES = ("label", "labels", "fine_label", "class", "target", "y")
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test", "testing")}
@@ -84,10 +82,10 @@ def columns(ds, options: dict[str, str], where: str) -> tuple[str, str]:
     return image, label
 
 
-def hf_splits(where: str, seed: int, holdout) -> tuple[dict[str, list[tuple[int, int]]], dict[str, object],
+def hf_splits(where: str, seed: int) -> tuple[dict[str, list[tuple[int, int]]], dict[str, object],
                                                         list[str] | None, int]:
     """(items per protocol split as (row, label) pairs, the HF split each reads, class names, class count).
-    ``holdout`` is the folders' seeded split rule, used where val or test is missing."""
+    A missing val or test is held out of train by the folders' rule (``fill_splits``)."""
     spec, config, options = parse_spec(where)
     dd = load(spec, config)
     present = list(dd)
@@ -118,9 +116,8 @@ def hf_splits(where: str, seed: int, holdout) -> tuple[dict[str, list[tuple[int,
     tables = {s: dd[n].cast_column(image, Image(decode=False)) for s, n in chosen.items()}
     missing = [s for s in ("val", "test") if s not in items]
     if missing:
-        log.warning("hfds:%s has no %s split; held out 20%% of train as %s (seed %d)", where, " or ".join(missing),
-                    " and 20% as ".join(missing), seed)
-        carved = holdout(items["train"], seed, *(0.2 if s in missing else 0.0 for s in ("val", "test")))
+        from . import fill_splits
+        carved = fill_splits(items, seed, f"hfds:{where}", "split", "train")
         for s in ("train", *missing):
             items[s], tables[s] = carved[s], tables["train"]
     if "trainval" not in items:
