@@ -4,7 +4,6 @@ user-written value (config files, ``--method-opt``, ``--pace``, adapter metadata
 from __future__ import annotations
 
 import json
-
 import re
 import types
 import typing

@@ -83,7 +83,7 @@ def columns(ds, options: dict[str, str], where: str) -> tuple[str, str]:
 
 
 def hf_splits(where: str, seed: int) -> tuple[dict[str, list[tuple[int, int]]], dict[str, object],
-                                                        list[str] | None, int]:
+                                              list[str] | None, int]:
     """(items per protocol split as (row, label) pairs, the HF split each reads, class names, class count).
     A missing val or test is held out of train by the folders' rule (``fill_splits``)."""
     spec, config, options = parse_spec(where)

@@ -405,7 +405,8 @@ class AdapterBank(nn.Module):
             self.rows.segments = None
 
     def traced_features(self, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
-        """Pre-logit features of ``x`` (in its own order) through the compiled per-row graph."""
+        """Pre-logit features of ``x`` through the compiled per-row graph, ``slots`` each sample's task (the
+        batch comes sorted by task as for the eager forms, so the heads run on one slice per task)."""
         self.rows.ids = torch.tensor(slots, device=x.device)
         torch._dynamo.mark_dynamic(x, 0)  # any batch size, one graph
         torch._dynamo.mark_dynamic(self.rows.ids, 0)
