@@ -60,21 +60,33 @@ def set_num_classes(model: torch.nn.Module, num_classes: int) -> None:
 
 # --- the embedded offline backbone -------------------------------------------------------------
 EMBEDDED_NAME = "vit_pico_patch4_32"
-EMBEDDED_WEIGHTS = Path(__file__).parent.parent / "weights" / f"{EMBEDDED_NAME}.fractal.safetensors"
+EMBEDDED_DIR = Path(__file__).parent.parent / "weights"  # <model>.fractal.safetensors: ``rlrr pretrain``'s output
+
+
+def _small_vit(name: str, embed_dim: int, depth: int, num_heads: int, **kwargs) -> VisionTransformer:
+    """A ViT on 32×32 input in 4×4 patches (64 tokens), normalised to [-1, 1] like its fractal pre-training."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory extras
+        kwargs.pop(key, None)
+    cfg = dict(img_size=32, patch_size=4, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0)
+    model = VisionTransformer(**{**cfg, **kwargs})
+    model.pretrained_cfg = {"architecture": name, "input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5),
+                            "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "crop_pct": 1.0,
+                            "num_classes": kwargs.get("num_classes", 1000), "classifier": "head"}
+    return model
 
 
 @register_model
 def vit_pico_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """A ViT small enough to pre-train and fine-tune on a 2-core CPU: 32×32 input, 4×4 patches,
-    width 128, depth 6.  The project pre-trains it on fractals (``rlrr pretrain``) and ships it."""
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory extras
-        kwargs.pop(key, None)
-    cfg = dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0)
-    model = VisionTransformer(**{**cfg, **kwargs})
-    model.pretrained_cfg = {"architecture": EMBEDDED_NAME, "input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5),
-                            "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "crop_pct": 1.0,
-                            "num_classes": kwargs.get("num_classes", 1000), "classifier": "head"}
-    return model
+    """A ViT small enough to pre-train and fine-tune on a 2-core CPU: width 128, depth 6 (1.2 M parameters).
+    The project pre-trains it on fractals (``rlrr pretrain``) and ships it."""
+    return _small_vit(EMBEDDED_NAME, 128, 6, 4, **kwargs)
+
+
+@register_model
+def vit_nano_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT-Ti's width (192, 3 heads) at pico's depth: 2.7 M parameters, about twice pico's cost per image —
+    the larger backbone the proxy suite was measured with (BENCHMARKS.md)."""
+    return _small_vit("vit_nano_patch4_32", 192, 6, 3, **kwargs)
 
 
 # --- weights ----------------------------------------------------------------------------------
@@ -224,8 +236,8 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
                             " (timm.list_models('*part*') lists timm's names; hf:<hub id> for transformers)")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if str(weights).lower() == "pretrained" and name == EMBEDDED_NAME:
-        weights = EMBEDDED_WEIGHTS
+    if str(weights).lower() == "pretrained" and (EMBEDDED_DIR / f"{name}.fractal.safetensors").is_file():
+        weights = EMBEDDED_DIR / f"{name}.fractal.safetensors"
     try:
         if str(weights).lower() != "pretrained":
             local = weights is not None and str(weights).lower() != "none"

@@ -30,7 +30,7 @@ def cmd_pretrain(args) -> dict:
     from ..pretrain import PretrainConfig, pretrain
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)
                             if getattr(args, f.name, None) is not None})
-    return pretrain(cfg, Path(args.output))
+    return pretrain(cfg, Path(args.output), device=args.device, workers=args.workers)
 
 
 def add_commands(sub) -> None:
@@ -53,7 +53,11 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("pretrain", help="re-create the embedded backbone by fractal pre-training (rerun: continues)")
     p.add_argument("--output", default="rlrr/weights", type=path_arg)
-    for name, typ in (("classes", int), ("per_class", int), ("epochs", int), ("batch_size", int), ("lr", float),
-                      ("warmup_epochs", int), ("seed", int)):
+    for name, typ in (("model", str), ("classes", int), ("per_class", int), ("epochs", int), ("batch_size", int),
+                      ("lr", float), ("warmup_epochs", int), ("seed", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
+    p.add_argument("--upright", dest="rotate", action="store_const", const=False,
+                   help="keep the fractal renderings upright (default: turned at random, the shipped recipe)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=1, help="processes rendering the data (blocks of 100 classes)")
     p.set_defaults(func=cmd_pretrain)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .synthetic import FractalDataset, shapes_task
+from .synthetic import fractal_images, shapes_task
 
 TASKS = ("mnist", "digits", "dsprites_loc", "dsprites_ori", "clevr_count", "fractal")
 
@@ -55,8 +55,7 @@ def load_arrays(task: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
         d = load_digits()
         return (d.images * 255 / 16).astype(np.uint8), d.target.astype(np.int64), 10
     if task == "fractal":  # seeds 10_000+: never the pre-training's systems (rlrr pretrain draws from seed 0)
-        data = FractalDataset(num_classes=20, per_class=150, size=32, seed=seed + 10_000)
-        return data.images.numpy(), data.labels.numpy(), 20
+        return (*fractal_images(num_classes=20, per_class=150, size=32, seed=seed + 10_000), 20)
     if task in TASKS:
         return shapes_task(task, 3000, seed=seed + 1000)
     raise ValueError(f"unknown offline task {task!r}; choose one of {', '.join(TASKS)}")

@@ -1,19 +1,20 @@
 """Procedurally generated images that need no download.
 
-* ``FractalDataset`` — formula-driven pre-training data in the spirit of FractalDB (Kataoka et al.,
+* ``fractal_images`` — formula-driven pre-training data in the spirit of FractalDB (Kataoka et al.,
   ACCV 2020): every class is one random iterated function system (IFS); samples are renderings of
   that system with its parameters jittered and the view rotated / flipped / rescaled.  It is how the
   embedded backbone is pre-trained without natural images.
-* ``ShapesDataset`` — small structured tasks in the spirit of VTAB's structured group
+* ``shapes_task`` — small structured tasks in the spirit of VTAB's structured group
   (dSprites-like position / orientation, Clevr-like counting), used as offline downstream tasks.
 
 Everything is a deterministic function of a seed so a run can be reproduced exactly.
 """
 from __future__ import annotations
 
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 
 def _sample_ifs(rng: np.random.Generator) -> np.ndarray:
@@ -66,31 +67,44 @@ def _render(maps: np.ndarray, rng: np.random.Generator, size: int, chains: int =
     return np.clip(img / max(np.percentile(img[img > 0], 90), 1.0), 0, 1) if keep.any() else img
 
 
-class FractalDataset(Dataset):
-    """``num_classes`` IFS classes × ``per_class`` renderings, generated once, held as uint8."""
+BLOCK = 100  # classes drawn from one seed
 
-    def __init__(self, num_classes: int = 100, per_class: int = 200, size: int = 32, seed: int = 0,
-                 jitter: float = 0.06):
-        rng = np.random.default_rng(seed)
-        self.systems = [_sample_ifs(rng) for _ in range(num_classes)]
-        imgs, labels = [], []
-        for label, maps in enumerate(self.systems):
-            for _ in range(per_class):
-                m = maps * rng.uniform(1 - jitter, 1 + jitter, size=maps.shape)
-                img = _render(m, rng, size, angle=rng.uniform(0, 2 * np.pi), flip=bool(rng.integers(2)),
-                              zoom=rng.uniform(0.8, 1.1))
-                imgs.append((img * 255).astype(np.uint8))
-                labels.append(label)
-        self.images = torch.from_numpy(np.stack(imgs))
-        self.labels = torch.tensor(labels)
-        self.num_classes = num_classes
 
-    def __len__(self) -> int:
-        return len(self.labels)
+def fractal_images(num_classes: int = 100, per_class: int = 200, size: int = 32, seed: int = 0, jitter: float = 0.06,
+                   rotate: bool = True, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Images (uint8, N×size×size) and labels of ``num_classes`` IFS classes × ``per_class`` renderings.
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.images[i].float().div(255).unsqueeze(0).expand(3, -1, -1)
-        return (x - 0.5) / 0.5, int(self.labels[i])
+    Classes come in blocks of 100, block k drawn from ``seed + k``, so a block renders in a process of its own
+    (``workers``: FractalDB-1k's 1,000 classes in a minute on 16 cores) with the same images whatever the
+    count, and the first 100 classes of a larger set are those of a smaller one.  ``rotate=False`` keeps every
+    rendering upright (flips and zoom stay): the features then keep an orientation, as natural images'
+    do, instead of being taught to ignore it.
+    """
+    blocks = [(min(BLOCK, num_classes - first), per_class, size, seed + first // BLOCK, jitter, rotate)
+              for first in range(0, num_classes, BLOCK)]
+    if workers > 1 and len(blocks) > 1:
+        with ProcessPoolExecutor(min(workers, len(blocks)), mp_context=get_context("spawn")) as pool:
+            parts = list(pool.map(_fractal_block, *zip(*blocks)))
+    else:
+        parts = [_fractal_block(*b) for b in blocks]
+    return (np.concatenate([images for images, _ in parts]),
+            np.concatenate([labels + k * BLOCK for k, (_, labels) in enumerate(parts)]))
+
+
+def _fractal_block(num_classes: int, per_class: int, size: int, seed: int, jitter: float,
+                   rotate: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One block: its IFS systems and their renderings, all from one random stream."""
+    rng = np.random.default_rng(seed)
+    systems = [_sample_ifs(rng) for _ in range(num_classes)]
+    imgs = []
+    for maps in systems:
+        for _ in range(per_class):
+            m = maps * rng.uniform(1 - jitter, 1 + jitter, size=maps.shape)
+            angle = rng.uniform(0, 2 * np.pi)  # drawn either way: an upright set is the same renderings unturned
+            img = _render(m, rng, size, angle=angle if rotate else 0.0, flip=bool(rng.integers(2)),
+                          zoom=rng.uniform(0.8, 1.1))
+            imgs.append((img * 255).astype(np.uint8))
+    return np.stack(imgs), np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
 
 
 def shapes_task(task: str, n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:

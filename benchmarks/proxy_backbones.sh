@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The backbone lever of the proxy suite (issue 26, BENCHMARKS.md "The proxy suite"): pre-train candidate
+# embedded backbones on FractalDB-1k-style data (1,000 IFS classes) and run the proxy suite with each, beside
+# the shipped backbone, all in one go.  Sized for one GPU with 16 cores (about 8 minutes); the pre-trainings
+# alone would take a day on a 2-core CPU.
+#
+#   benchmarks/proxy_backbones.sh OUT [SECONDS]      # SECONDS: the whole run's deadline (default 540)
+#
+# Every phase stops at the deadline and what finished stays in OUT: the weights, each pre-training's log and
+# each bench's folder, which `rlrr bench ... --output OUT/bench_NAME` continues (finished cells are reused)
+# and `--agreement-only` scores.  A dry run: CLASSES=20 PER_CLASS=10 EPOCHS=1 SEEDS=0 METHODS=linear,rlrr
+# BENCH_EXTRA=--smoke.
+set -u
+OUT=${1:?usage: benchmarks/proxy_backbones.sh OUT [SECONDS]}
+END=$((SECONDS + ${2:-540}))
+RLRR="${RLRR:-python3 -m rlrr.cli}"
+METHODS=${METHODS:-linear,full,bitfit,ssf,lora,adapter,vpt,rlrr,hta}
+PRE="--classes ${CLASSES:-1000} --per-class ${PER_CLASS:-150} --epochs ${EPOCHS:-30} --batch-size 512 --warmup-epochs 3"
+mkdir -p "$OUT"
+left() { echo $((END - SECONDS - ${1:-0})); }
+
+pretrain() {  # NAME MODEL [FLAGS]: OUT/NAME/MODEL.fractal.safetensors
+    local name=$1 model=$2; shift 2
+    [ "$(left 300)" -gt 0 ] || { echo "pretrain $name: too little time"; return; }
+    timeout "$(left 300)" $RLRR pretrain --model "$model" $PRE "$@" --workers 5 --output "$OUT/$name" \
+        > "$OUT/$name.pretrain.log" 2>&1
+    echo "pretrain $name: exit $? at ${SECONDS}s"
+}
+pretrain pico1k vit_pico_patch4_32 &
+pretrain pico1k_upright vit_pico_patch4_32 --upright &
+pretrain nano1k_upright vit_nano_patch4_32 --upright &
+wait
+
+bench() {  # NAME MODEL WEIGHTS SEEDS
+    local name=$1 model=$2 weights=$3 seeds=$4
+    [ "$weights" = pretrained ] || [ -f "$weights" ] || { echo "bench $name: no weights"; return; }
+    [ "$(left 30)" -gt 0 ] || { echo "bench $name seeds $seeds: past the deadline"; return; }
+    timeout "$(left 30)" $RLRR bench --suite proxy --methods $METHODS --seeds "$seeds" --workers 4 \
+        --model "$model" --weights "$weights" --output "$OUT/bench_$name" ${BENCH_EXTRA:-} >> "$OUT/bench_$name.log" 2>&1
+    echo "bench $name seeds $seeds: exit $? at ${SECONDS}s"
+}
+for seeds in 0 "${SEEDS:-0,1,2}"; do  # every backbone's seed 0 first, so a deadline leaves whole seeds
+    bench shipped vit_pico_patch4_32 pretrained "$seeds" &
+    bench pico1k vit_pico_patch4_32 "$OUT/pico1k/vit_pico_patch4_32.fractal.safetensors" "$seeds" &
+    bench pico1k_upright vit_pico_patch4_32 "$OUT/pico1k_upright/vit_pico_patch4_32.fractal.safetensors" "$seeds" &
+    bench nano1k_upright vit_nano_patch4_32 "$OUT/nano1k_upright/vit_nano_patch4_32.fractal.safetensors" "$seeds" &
+    wait
+done
