@@ -21,8 +21,8 @@ left() { echo $((END - SECONDS - ${1:-0})); }
 
 pretrain() {  # NAME MODEL [FLAGS]: OUT/NAME/MODEL.fractal.safetensors
     local name=$1 model=$2; shift 2
-    [ "$(left 300)" -gt 0 ] || { echo "pretrain $name: too little time"; return; }
-    timeout "$(left 300)" $RLRR pretrain --model "$model" $PRE "$@" --workers 5 --output "$OUT/$name" \
+    [ "$(left 260)" -gt 0 ] || { echo "pretrain $name: too little time"; return; }
+    timeout "$(left 260)" $RLRR pretrain --model "$model" $PRE "$@" --workers 5 --output "$OUT/$name" \
         > "$OUT/$name.pretrain.log" 2>&1
     echo "pretrain $name: exit $? at ${SECONDS}s"
 }
