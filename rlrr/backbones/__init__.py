@@ -61,6 +61,13 @@ def set_num_classes(model: torch.nn.Module, num_classes: int) -> None:
 # --- the embedded offline backbone -------------------------------------------------------------
 EMBEDDED_NAME = "vit_pico_patch4_32"
 EMBEDDED_DIR = Path(__file__).parent.parent / "weights"  # <model>.fractal.safetensors: ``rlrr pretrain``'s output
+SMALL_VITS: set[str] = set()  # the names below: their "pretrained" is a file in EMBEDDED_DIR or nothing
+
+
+def _embedded(fn):
+    """``register_model`` for our own small ViTs, noting the name (SMALL_VITS)."""
+    SMALL_VITS.add(fn.__name__)
+    return register_model(fn)
 
 
 def _small_vit(name: str, embed_dim: int, depth: int, num_heads: int, **kwargs) -> VisionTransformer:
@@ -75,14 +82,14 @@ def _small_vit(name: str, embed_dim: int, depth: int, num_heads: int, **kwargs) 
     return model
 
 
-@register_model
+@_embedded
 def vit_pico_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """A ViT small enough to pre-train and fine-tune on a 2-core CPU: width 128, depth 6 (1.2 M parameters).
     The project pre-trains it on fractals (``rlrr pretrain``) and ships it."""
     return _small_vit(EMBEDDED_NAME, 128, 6, 4, **kwargs)
 
 
-@register_model
+@_embedded
 def vit_nano_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-Ti's width (192, 3 heads) at pico's depth: 2.7 M parameters, about twice pico's cost per image —
     the larger backbone the proxy suite was measured with (BENCHMARKS.md)."""
@@ -236,8 +243,11 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
                             " (timm.list_models('*part*') lists timm's names; hf:<hub id> for transformers)")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if str(weights).lower() == "pretrained" and (EMBEDDED_DIR / f"{name}.fractal.safetensors").is_file():
+    if str(weights).lower() == "pretrained" and name in SMALL_VITS:  # ours: no hub weights to fall back on
         weights = EMBEDDED_DIR / f"{name}.fractal.safetensors"
+        if not weights.is_file():
+            raise BackboneError(f"{name} has no shipped weights; pre-train them (rlrr pretrain --model {name} --output "
+                                f"DIR) and pass --weights DIR/{weights.name}, or --weights none for a random start")
     try:
         if str(weights).lower() != "pretrained":
             local = weights is not None and str(weights).lower() != "none"

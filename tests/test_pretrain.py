@@ -1,0 +1,36 @@
+"""Formula-driven pre-training at FractalDB-1k scale: the data's block rule, and backbones of our own sizes."""
+import numpy as np
+import torch
+
+from rlrr.backbones import create_backbone
+from rlrr.cli import main
+from rlrr.data.synthetic import fractal_images
+
+
+def test_more_classes_extend_the_data_the_same_whatever_the_worker_count():
+    small, small_labels = fractal_images(100, 2)
+    big, big_labels = fractal_images(120, 2, workers=2)  # blocks of 100: the second comes from seed 1
+    assert np.array_equal(big[:200], small) and np.array_equal(big_labels[:200], small_labels)
+    assert np.array_equal(big_labels, np.repeat(np.arange(120), 2))
+    assert np.array_equal(fractal_images(120, 2)[0], big)  # one process: the same images
+    upright, upright_labels = fractal_images(100, 2, rotate=False)
+    assert np.array_equal(upright_labels, small_labels) and not np.array_equal(upright, small)
+
+
+def test_a_backbone_of_another_size_is_pretrained_and_loaded_by_its_file(tmp_path, capsys):
+    out = tmp_path / "nano"
+    assert main(["pretrain", "--model", "vit_nano_patch4_32", "--upright", "--classes", "4", "--per-class", "20",
+                 "--epochs", "1", "--batch-size", "16", "--warmup-epochs", "0", "--output", str(out)]) == 0
+    weights = out / "vit_nano_patch4_32.fractal.safetensors"
+    model = create_backbone("vit_nano_patch4_32", weights=str(weights), num_classes=3)
+    assert model.embed_dim == 192 and len(model.blocks) == 6
+    torch.manual_seed(0)
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, create_backbone("vit_nano_patch4_32", None).blocks[0]
+                           .attn.qkv.weight)
+    capsys.readouterr()
+    # "pretrained" (the default) for one of ours with no shipped file: said, not a silent random backbone
+    assert main(["train", "--model", "vit_nano_patch4_32", "--data", "offline:mnist:200", "--epochs", "1",
+                 "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: vit_nano_patch4_32 has no shipped weights") and "--weights DIR/" in err
+    assert "\n" not in err
