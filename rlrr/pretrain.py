@@ -100,6 +100,9 @@ def _pretrain(cfg: PretrainConfig, output: Path, path: Path, ckpt: Path, progres
     gen_s = time.time() - t0
     order = torch.Generator().manual_seed(cfg.seed)  # the data order: advances each epoch, saved with each checkpoint
     train_dl = Batches(images[train], labels[train], cfg.batch_size, order)
+    if not len(train_dl):
+        raise ValueError(f"--batch-size {cfg.batch_size} is more than the {len(train)} training images; pass a smaller "
+                         "one or more --classes / --per-class")
     val_dl = Batches(images[val], labels[val], 256)
     model = create_backbone(cfg.model, weights=None, num_classes=cfg.classes).to(device)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)

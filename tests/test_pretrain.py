@@ -34,3 +34,6 @@ def test_a_backbone_of_another_size_is_pretrained_and_loaded_by_its_file(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: vit_nano_patch4_32 has no shipped weights") and "--weights DIR/" in err
     assert "\n" not in err
+    # a batch larger than the data would train on nothing: refused, naming the fix
+    assert main(["pretrain", "--classes", "2", "--per-class", "5", "--output", str(tmp_path / "tiny")]) == 2
+    assert "--batch-size 128 is more than the 10 training images" in capsys.readouterr().err
