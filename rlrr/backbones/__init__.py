@@ -92,7 +92,7 @@ def vit_pico_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
 @_embedded
 def vit_nano_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-Ti's width (192, 3 heads) at pico's depth: 2.7 M parameters, about twice pico's cost per image —
-    the larger backbone the proxy suite was measured with (BENCHMARKS.md)."""
+    a larger candidate for the proxy suite's backbone (benchmarks/proxy_backbones.sh); no weights shipped."""
     return _small_vit("vit_nano_patch4_32", 192, 6, 3, **kwargs)
 
 
