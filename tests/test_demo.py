@@ -9,9 +9,9 @@ from rlrr.cli import main
 
 
 def test_shipped_backbone_is_really_pretrained():
-    EMBEDDED_WEIGHTS = EMBEDDED_DIR / f"{EMBEDDED_NAME}.fractal.safetensors"
-    assert EMBEDDED_WEIGHTS.is_file() and EMBEDDED_WEIGHTS.stat().st_size < 5e6
-    log = json.loads(EMBEDDED_WEIGHTS.with_name(f"{EMBEDDED_NAME}.fractal.log.json").read_text())
+    weights = EMBEDDED_DIR / f"{EMBEDDED_NAME}.fractal.safetensors"
+    assert weights.is_file() and weights.stat().st_size < 5e6
+    log = json.loads(weights.with_name(f"{EMBEDDED_NAME}.fractal.log.json").read_text())
     assert log["log"][-1]["val_acc"] > 50  # it learned its 100 fractal classes (chance: 1%)
     pre = rlrr.create_backbone(EMBEDDED_NAME, weights="pretrained", num_classes=10)
     torch.manual_seed(0)
