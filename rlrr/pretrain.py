@@ -91,18 +91,19 @@ def _pretrain(cfg: PretrainConfig, output: Path, path: Path, ckpt: Path, progres
     if state is not None and state["epoch"] == cfg.epochs and path.is_file() and log_path.is_file():
         print(f"pre-training in {output} is finished ({cfg.epochs} epochs); delete {ckpt.name} to run it again")
         return json.loads(log_path.read_text())
+    n = cfg.classes * cfg.per_class
+    if cfg.batch_size > n - n // 20:  # before rendering, which takes minutes at FractalDB-1k scale
+        raise ValueError(f"--batch-size {cfg.batch_size} is more than the {n - n // 20} training images; pass a smaller "
+                         "one or more --classes / --per-class")
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     images, labels = (torch.from_numpy(a).to(device) for a in
                       fractal_images(cfg.classes, cfg.per_class, seed=cfg.seed, rotate=cfg.rotate, workers=workers))
     split = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    val, train = split[:len(labels) // 20], split[len(labels) // 20:]
+    val, train = split[:n // 20], split[n // 20:]
     gen_s = time.time() - t0
     order = torch.Generator().manual_seed(cfg.seed)  # the data order: advances each epoch, saved with each checkpoint
     train_dl = Batches(images[train], labels[train], cfg.batch_size, order)
-    if not len(train_dl):
-        raise ValueError(f"--batch-size {cfg.batch_size} is more than the {len(train)} training images; pass a smaller "
-                         "one or more --classes / --per-class")
     val_dl = Batches(images[val], labels[val], 256)
     model = create_backbone(cfg.model, weights=None, num_classes=cfg.classes).to(device)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
