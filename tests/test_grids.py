@@ -145,6 +145,34 @@ def test_bench_tune_chooses_each_rows_rate_on_val_and_says_which(tmp_path, capsy
     assert "every value of lr as a multiple" in capsys.readouterr().err
 
 
+def test_tuning_over_two_seeds_scores_each_rate_by_its_mean_val(tmp_path, capsys):
+    """--tune-seeds 2: every trial runs at seeds 0 and 1 and the rate with the best mean val wins (a rate
+    that diverges at one seed loses), then the cells of every seed run with that one rate."""
+    import csv
+    out = tmp_path / "tuned2"
+    suite = ["--suite", "offline:digits", "--epochs", "1", "--methods", "rlrr", "--tune", "lr=x0.5,x2"]
+    assert main(["bench", *suite, "--seeds", "0,1", "--tune-seeds", "2", "--output", str(out)]) == 0
+    tune = out / "digits" / "rlrr_tuned" / "tune"
+    mean = {}
+    for folder in (tune / "trials").iterdir():
+        runs = [json.loads((folder / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+        assert [r["settings"]["seed"] for r in runs] == [0, 1] and all(r["test_acc"] is None for r in runs)
+        assert runs[0]["val_acc"] != runs[1]["val_acc"]  # two seeds, two runs
+        mean[runs[0]["config"]["lr"]] = (runs[0]["val_acc"] + runs[1]["val_acc"]) / 2
+    trials = {float(r["lr"]): r for r in csv.DictReader(open(tune / "trials.csv", encoding="utf-8"))}
+    for lr, m in mean.items():  # trials.csv shows each seed's val and scores the trial by their mean
+        assert float(trials[lr]["val_acc"]) == pytest.approx(m, abs=0.01) and len(trials[lr]["val_by_seed"].split()) == 2
+    chosen = max(mean, key=mean.get)
+    for seed in (0, 1):
+        cell = json.loads((out / "digits" / "rlrr_tuned" / f"seed{seed}" / "summary.json").read_text())
+        assert cell["config"]["lr"] == chosen and cell["test_acc"] is not None
+    capsys.readouterr()
+    assert main(["bench", *suite, "--seeds", "0", "--tune-seeds", "2", "--output", str(out)]) == 2
+    assert "--tune-seeds 2 tunes on the first 2 of --seeds, which has 1" in capsys.readouterr().err
+    assert main(["bench", "--suite", "offline:digits", "--seeds", "0,1", "--tune-seeds", "2", "--output", str(out)]) == 2
+    assert "add --tune" in capsys.readouterr().err
+
+
 def test_the_proxy_suite_tunes_every_rate_on_its_small_tasks(tmp_path, capsys):
     out = tmp_path / "proxy"
     assert main(["bench", "--suite", "proxy", "--smoke", "--methods", "linear", "--output", str(out)]) == 0

@@ -14,7 +14,7 @@ def cmd_bench(args) -> list | dict:
     from ..grid.sweep import parse_grid
     settings = dict(epochs=args.epochs, protocol=args.protocol, grad_checkpointing=args.grad_checkpointing,
                     compile=args.compile, log=args.log, log_group=str(args.output) if args.log else None,
-                    tune=parse_grid(args.tune, "--tune", relative=True) if args.tune else None)
+                    tune=parse_grid(args.tune, "--tune", relative=True) if args.tune else None, tune_seeds=args.tune_seeds)
     if args.study:
         from ..grid.study import run_study
         return run_study(args.study, args.suite, args.seeds, Path(args.output), args.root, args.model, args.weights,
@@ -32,7 +32,7 @@ def cmd_sweep(args) -> dict:
         overrides["log_group"] = str(args.output)
     run = {k: v for k in RUN_OPTIONS if (v := getattr(args, k)) is not None and v is not False}
     sweep = Sweep(Path(args.output), args.model, None if args.weights == "none" else args.weights, args.data,
-                  method, opts, parse_grid(args.grid), args.budget, args.config, **run, **overrides)
+                  method, opts, parse_grid(args.grid), args.budget, args.config, seeds=args.seeds, **run, **overrides)
     return sweep.run(launcher_of(args))
 
 
@@ -59,6 +59,9 @@ def add_commands(sub) -> None:
                    help="choose each row's KEY per task on val first (a sweep at the first seed; test never read), "
                         "then run its cells with the choice; xF values are multiples of the row's own value, e.g. "
                         "--tune lr=x0.33,x1,x3 (repeatable)")
+    p.add_argument("--tune-seeds", type=at_least(1), default=1, metavar="N",
+                   help="score each tuning trial by its mean val over the first N of --seeds (default 1): a rate "
+                        "that diverges at one seed loses, at N times the tuning's cost")
     p.add_argument("--output", default="runs/bench", type=path_arg)
     add_execution_args(p)
     p.add_argument("--agreement-only", action="store_true",
@@ -73,5 +76,8 @@ def add_commands(sub) -> None:
                    help="search KEY over these values (repeatable; default: the paper's grid of lr, weight_decay, "
                         "drop_path, batch_size); keys not given keep the task's values")
     p.add_argument("--budget", type=at_least(1), help="at most this many trials (a seeded random part of the grid)")
+    p.add_argument("--seeds", type=comma_list(int), default=None,
+                   help="run every trial at each of these seeds and score it by their mean val (e.g. 0,1): a setting "
+                        "that diverges at one seed loses; the final run uses the first (default: --seed alone)")
     add_launcher_args(p)
     p.set_defaults(func=cmd_sweep)

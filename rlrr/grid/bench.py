@@ -97,15 +97,23 @@ def score_agreement(out: Path, rows: list[dict] | None = None, study: str | None
 
 def run_grid(suite: str, rows: list[Row], seeds: list[int], out: Path, root: str | None = None,
              model: str | None = None, weights: str | None = None, smoke: bool = False,
-             launcher: Launcher | None = None, tune: dict[str, list] | None = None, **overrides) -> list[dict]:
+             launcher: Launcher | None = None, tune: dict[str, list] | None = None, tune_seeds: int = 1,
+             **overrides) -> list[dict]:
     """Every task × row × seed cell of ``suite`` (``smoke``: one task, one epoch, the first seed), run where
     ``launcher`` says, then read back from the cell folders into one result row per cell.  ``tune`` (a grid,
-    ``sweep.parse_grid(relative=True)``) first chooses each (task, row)'s setting on val with a sweep at the
-    first seed (``<task>/<row>_tuned/tune/``; test is never read), then runs that row's cells with it."""
+    ``sweep.parse_grid(relative=True)``) first chooses each (task, row)'s setting on val with a sweep
+    (``<task>/<row>_tuned/tune/``; test is never read) scored on the mean val of the first ``tune_seeds``
+    seeds, then runs that row's cells with it."""
     cells, suite_model, settings = suite_cells(suite, root, smoke)
-    seeds = seeds[:1] if smoke else seeds
     suite_tune = settings.pop("tune", None)
     tune = tune or suite_tune  # the suite's own (the proxy's), unless --tune says otherwise
+    if tune_seeds > 1 and not tune:
+        raise ValueError(f"--tune-seeds {tune_seeds} scores a tuning over seeds, and nothing is tuned; add --tune "
+                         "KEY=V1,V2,... (or use --suite proxy)")
+    if tune_seeds > len(seeds):
+        raise ValueError(f"--tune-seeds {tune_seeds} tunes on the first {tune_seeds} of --seeds, which has "
+                         f"{len(seeds)}; give more seeds or a smaller --tune-seeds")
+    seeds, tune_seeds = (seeds[:1], 1) if smoke else (seeds, tune_seeds)
     settings = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
     model, weights = model or suite_model, weights or "pretrained"
     launcher = launcher or Launcher()
@@ -113,10 +121,14 @@ def run_grid(suite: str, rows: list[Row], seeds: list[int], out: Path, root: str
               for row in rows}
     config = {}
     if tune:
-        for task, _, spec in cells:
-            for row in rows:
-                config[task, row.folder] = str(tune_row(folder[task, row.folder] / "tune", model, weights, spec, row.method,
-                                                 row.options, tune, launcher, seed=seeds[0], **settings))
+        sweeps = {(task, row.folder): dict(out=folder[task, row.folder] / "tune", model=model, weights=weights, spec=spec,
+                                           method=row.method, method_opts=row.options, grid=tune,
+                                           seeds=seeds[:tune_seeds], **settings)
+                  for task, _, spec in cells for row in rows}
+        if launcher.kind != "local" or launcher.workers > 1:  # every row's sweep at once, each trial after trial:
+            # no worker waits on a sweep's last trial, and workers start once, not once per sweep
+            launch([(f"tune {task} {row}", tune_row, kw) for (task, row), kw in sweeps.items()], launcher, out / "logs")
+        config = {key: str(tune_row(**kw)) for key, kw in sweeps.items()}  # the choices, read back (or run here)
     grid = [(task, group, spec, row, seed) for task, group, spec in cells for row in rows for seed in seeds]
     calls = [dict(cell=folder[task, row.folder] / f"seed{seed}", label=f"[{n}/{len(grid)}] {task} {row.label} seed {seed}",
                   model=model, weights=weights, spec=spec, method=row.method, method_opts=row.options or None,

@@ -125,10 +125,18 @@ class Sweep:
 
     def __init__(self, out: Path, model: str, weights: str | None, data: str, method: str, method_opts: dict,
                  grid: dict[str, list], budget: int | None = None, config: str | None = None, pruner: Any = None,
-                 **train: Any):
+                 seeds: list[int] | None = None, **train: Any):
         clash = sorted(set(grid) & {k for k, v in train.items() if v is not None})
         if clash:
             raise ValueError(f"--{clash[0].replace('_', '-')} is fixed and searched by --grid; drop one of the two")
+        if seeds and train.get("seed") is not None:
+            raise ValueError("--seed and --seeds both say which seed the trials use; give one of the two")
+        # ``seeds``, several: each setting is scored by its mean val over them, so a rate that diverges at one
+        # seed loses (one seed's val can reward the top of a grid that is unstable); one: the run's seed
+        seeds = list(dict.fromkeys(seeds or []))
+        if len(seeds) == 1:
+            train["seed"] = seeds[0]
+        self.seeds = seeds if len(seeds) > 1 else None
         self.out, self.grid, self.config, self.pruner = Path(out), grid, config, pruner  # None: MedianPruner
         self.run_args = dict(model=model, weights=weights or "pretrained", spec=data, method=method,
                              method_opts=method_opts or None)
@@ -140,7 +148,7 @@ class Sweep:
         self.epochs = plan(data, method, method_opts, config, **self.train)[1].epochs  # validates everything now
         # what makes two sweeps the same one (the budget may grow on a later call: more trials of the same search)
         self.record = json.loads(json.dumps({"grid": grid, **self.run_args, "config": config, "train": self.train,
-                                             "run": self.run_opts}))
+                                             "run": self.run_opts, **({"seeds": self.seeds} if self.seeds else {})}))
 
     def study(self):
         """The sweep's Optuna study on its journal (opened under the sweep's lock; a torn last record cut off)."""
@@ -223,6 +231,8 @@ class Sweep:
 
     def objective(self, trial) -> float:
         optuna = _optuna()
+        """A setting's val top-1: its run's, or with several seeds their mean.  The pruner follows the first
+        seed's curve (a setting pruned there runs no other seed)."""
         params = {k: trial.suggest_categorical(k, v) for k, v in self.grid.items()}
         folder = self.out / "trials" / setting_folder(params)
         trial.set_user_attr("folder", str(folder.relative_to(self.out)))
@@ -231,10 +241,16 @@ class Sweep:
             trial.report(row["val_acc"], row["epoch"])
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val {row['val_acc']:.1f}% at epoch {row['epoch']}, below the median")
-        res = run_cell(folder, f"trial {trial.number} {params}", **self.run_args, on_epoch=report,
-                       **{**self.train, **self.run_opts, "protocol": "search", "config": self.config}, **params)
-        trial.set_user_attr("selected_epoch", res["selected_epoch"])
-        return res["val_acc"]
+        runs = [run_cell(folder / f"seed{seed}" if seed is not None else folder,
+                         f"trial {trial.number} {params}" + (f" seed {seed}" if seed is not None else ""),
+                         **self.run_args, on_epoch=report if i == 0 else None,
+                         **{**self.train, **self.run_opts, "protocol": "search", "config": self.config}, **params,
+                         **({"seed": seed} if seed is not None else {}))
+                for i, seed in enumerate(self.seeds or [None])]
+        trial.set_user_attr("selected_epoch", runs[0]["selected_epoch"])
+        if self.seeds:
+            trial.set_user_attr("val_by_seed", [round(r["val_acc"], 2) for r in runs])
+        return sum(r["val_acc"] for r in runs) / len(runs)
 
     def work(self) -> None:
         """Run trials until the sweep has ``self.trials`` finished ones (several workers may share it).  A trial
@@ -264,7 +280,8 @@ class Sweep:
         """All trials (here or where ``launcher`` says), the choice on val, ``best.yaml``, then the final run."""
         best, best_yaml, trials = self.choose(launcher)
         final = run_cell(self.out / "final" / setting_folder(best.params), f"final run of {best.params}", **self.run_args,
-                         **{**self.train, **self.run_opts, "protocol": "retrain", "config": str(best_yaml)})
+                         **{**self.train, **self.run_opts, "protocol": "retrain", "config": str(best_yaml)},
+                         **({"seed": self.seeds[0]} if self.seeds else {}))
         summary = {"best": best.params, "best_trial": best.number, "val_acc": best.value,
                    "trials": {state: sum(trial_state(t) == state for t in trials) for state in
                               ("complete", "pruned", "fail", "cut off")},
@@ -326,6 +343,7 @@ class Sweep:
         """trials.csv / trials.md (every trial: setting, state, val, epochs run) and sweep.png (val over the grid)."""
         rows = [{"trial": t.number, **t.params, "state": trial_state(t),
                  "val_acc": None if t.value is None else round(t.value, 2),
+                 **({"val_by_seed": " ".join(map(str, t.user_attrs.get("val_by_seed", [])))} if self.seeds else {}),
                  "epochs_run": max(t.intermediate_values, default=None), "best": t.number == best} for t in trials]
         write_csv(self.out / "trials.csv", rows)
         keys = list(rows[0])
@@ -353,16 +371,18 @@ class Sweep:
 
 
 def tune_row(out: Path, model: str, weights: str | None, spec: str, method: str, method_opts: dict | None,
-             grid: dict[str, list], launcher: Launcher | None = None, **settings: Any) -> Path:
+             grid: dict[str, list], seeds: list[int] | None = None, **settings: Any) -> Path:
     """A bench row's own setting on one task (``rlrr bench --tune``): a sweep in ``out`` over ``grid`` (``xF``
-    values as multiples of what the row would use untuned), trials on train scored on val, the run's protocol
-    replaced by the sweep's; returns the chosen setting's task YAML, which the row's cells then run with."""
+    values as multiples of what the row would use untuned), trials on train scored on val (their mean over
+    ``seeds`` when there are several), one after another in this process (a bench runs many rows' sweeps side
+    by side instead), the run's protocol replaced by the sweep's; returns the chosen setting's task YAML, which
+    the row's cells then run with."""
     train = {k: v for k, v in settings.items() if k != "protocol"}
     task, cfg, _ = plan(spec, method, method_opts, **{k: v for k, v in train.items() if k not in RUN_OPTIONS})
     own = {**cfg.settings(), "drop_path": task.get("drop_path", 0.0) if train.get("drop_path") is None
            else train["drop_path"]}
-    sweep = Sweep(out, model, weights, spec, method, method_opts or {}, resolve_grid(grid, own), **train)
-    return sweep.choose(launcher)[1]
+    sweep = Sweep(out, model, weights, spec, method, method_opts or {}, resolve_grid(grid, own), seeds=seeds, **train)
+    return sweep.choose()[1]
 
 
 def trial_state(trial) -> str:
