@@ -176,12 +176,22 @@ def test_tuning_over_two_seeds_scores_each_rate_by_its_mean_val(tmp_path, capsys
 def test_the_proxy_suite_tunes_every_rate_on_its_small_tasks(tmp_path, capsys):
     out = tmp_path / "proxy"
     assert main(["bench", "--suite", "proxy", "--smoke", "--methods", "linear", "--output", str(out)]) == 0
-    trials = sorted(p.name for p in (out / "mnist@200" / "linear_tuned" / "tune" / "trials").iterdir())
+    trials = sorted(p.name for p in (out / "mnist@100" / "linear_tuned" / "tune" / "trials").iterdir())
     assert trials == ["lr-0.01", "lr-0.033", "lr-0.1", "lr-0.3"]  # x0.1, x0.33, x1, x3 around linear's own 0.1
-    cell = json.loads((out / "mnist@200" / "linear_tuned" / "seed0" / "summary.json").read_text())
-    assert cell["settings"]["data"] == "offline:mnist:200" and cell["protocol"] == "val"
+    cell = json.loads((out / "mnist@100" / "linear_tuned" / "seed0" / "summary.json").read_text())
+    assert cell["settings"]["data"] == "offline:mnist:100" and cell["protocol"] == "val"
+    assert cell["settings"]["weights"] == "pretrained:fractal1k"  # the backbone pre-trained at FractalDB-1k scale
+    from rlrr.backbones import EMBEDDED_NAME, create_backbone, fingerprint
+    assert cell["settings"]["backbone_fingerprint"] != fingerprint(create_backbone(EMBEDDED_NAME, "pretrained"))
     text = capsys.readouterr().out
-    assert "| method | mnist@200 |" in text and f"| linear | {cell['config']['lr']:g} |" in text
+    assert "| method | mnist@100 |" in text and f"| linear | {cell['config']['lr']:g} |" in text
+    # a finished cell is not read back as if other weights had made it: one line naming the fix
+    import shutil
+    shutil.rmtree(out / "mnist@100" / "linear_tuned" / "tune")
+    assert main(["bench", "--suite", "proxy", "--smoke", "--methods", "linear", "--weights", "pretrained",
+                 "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "weights='pretrained:fractal1k' (now 'pretrained')" in err and "delete that folder" in err
 
 
 def cell_acc(out, method: str) -> float:

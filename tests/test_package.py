@@ -28,7 +28,8 @@ def test_the_wheel_carries_every_file_the_code_reads(wheel):
                (ROOT / folder).rglob("*") if p.is_file()]
     assert len(shipped) > 30 and not [n for n in shipped if n not in names]
     assert {"rlrr/configs/vtab1k/dtd.yaml", "rlrr/configs/offline/mnist.yaml", "rlrr/configs/published/vtab1k.csv",
-            "rlrr/weights/vit_pico_patch4_32.fractal.safetensors"} <= names
+            "rlrr/weights/vit_pico_patch4_32.fractal.safetensors",
+            "rlrr/weights/vit_pico_patch4_32.fractal1k.safetensors"} <= names  # the demo's and the proxy's backbones
 
 
 def test_an_installed_wheel_reproduces_the_checkouts_smoke_bench(wheel, tmp_path):

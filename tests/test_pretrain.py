@@ -34,6 +34,11 @@ def test_a_backbone_of_another_size_is_pretrained_and_loaded_by_its_file(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: vit_nano_patch4_32 has no shipped weights") and "--weights DIR/" in err
     assert "\n" not in err
+    # a tag that does not ship: one line naming those that do
+    assert main(["train", "--data", "offline:mnist:200", "--weights", "pretrained:fractal10k", "--epochs", "1",
+                 "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no shipped weights 'fractal10k' (shipped: pretrained:fractal, pretrained:fractal1k)" in err and "\n" not in err
     # a batch larger than the data would train on nothing: refused, naming the fix
     assert main(["pretrain", "--classes", "2", "--per-class", "5", "--output", str(tmp_path / "tiny")]) == 2
     assert "--batch-size 128 is more than the 10 training images" in capsys.readouterr().err

@@ -224,6 +224,25 @@ def load_weights(model: torch.nn.Module, path: str | Path, sd: dict[str, torch.T
                             f"{unexpected[:3]}; use the weights of the matching architecture")
 
 
+def is_pretrained(weights: str | Path | None) -> bool:
+    """``pretrained`` (the hub's weights, or a small ViT's shipped ones) or ``pretrained:TAG`` (a small ViT's
+    shipped ``<model>.TAG.safetensors``): a name, not a file to look for."""
+    return str(weights).lower() == "pretrained" or str(weights).lower().startswith("pretrained:")
+
+
+def shipped_weights(name: str, tag: str) -> Path:
+    """The weights file shipped for one of our small ViTs (``--weights pretrained:TAG``; plain ``pretrained``
+    is the ``fractal`` tag), or one line naming the tags that ship and how to make weights."""
+    path = EMBEDDED_DIR / f"{name}.{tag}.safetensors"
+    if path.is_file():
+        return path
+    tags = sorted(p.name[len(name) + 1:-len(".safetensors")] for p in EMBEDDED_DIR.glob(f"{name}.*.safetensors"))
+    shipped = f"shipped: {', '.join(f'pretrained:{t}' for t in tags)}" if tags else "none ship"
+    raise BackboneError(f"{name} has no shipped weights {tag!r} ({shipped}); pre-train them (rlrr pretrain --model "
+                        f"{name} --output DIR) and pass --weights DIR/{name}.fractal.safetensors, or --weights none "
+                        "for a random start")
+
+
 def create_backbone(name: str, weights: str | Path | None = "pretrained", num_classes: int | None = None,
                     **kwargs) -> torch.nn.Module:
     """Create a timm model (or, for ``hf:<hub id or folder>``, a transformers one) and load weights.
@@ -232,7 +251,8 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
     own mechanism (Hugging Face cache or download); ``None`` / ``"none"`` for random init (tests only).
     ``num_classes`` None: the classifier of a local weights file when it has one (a merged model keeps
     its head), else the architecture's default.
-    The embedded backbone's ``"pretrained"`` is the fractal checkpoint shipped with the package.
+    The embedded backbone's ``"pretrained"`` is the fractal checkpoint shipped with the package, and
+    ``"pretrained:TAG"`` another one shipped beside it (``fractal1k``: the proxy suite's).
     """
     if name.startswith(PREFIX):
         return create_hf(name[len(PREFIX):], weights, num_classes, **kwargs)
@@ -243,11 +263,8 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
                             " (timm.list_models('*part*') lists timm's names; hf:<hub id> for transformers)")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if str(weights).lower() == "pretrained" and name in SMALL_VITS:  # ours: no hub weights to fall back on
-        weights = EMBEDDED_DIR / f"{name}.fractal.safetensors"
-        if not weights.is_file():
-            raise BackboneError(f"{name} has no shipped weights; pre-train them (rlrr pretrain --model {name} --output "
-                                f"DIR) and pass --weights DIR/{weights.name}, or --weights none for a random start")
+    if name in SMALL_VITS and is_pretrained(weights):  # ours: no hub weights to fall back on
+        weights = shipped_weights(name, str(weights).partition(":")[2] or "fractal")
     try:
         if str(weights).lower() != "pretrained":
             local = weights is not None and str(weights).lower() != "none"

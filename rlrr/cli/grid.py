@@ -40,8 +40,9 @@ def add_commands(sub) -> None:
     from ..engine.trainer import PROTOCOLS
     from ..grid.study import STUDIES
     p = sub.add_parser("bench", help="task x method x seed grid (or --study: the paper's ablations), resumable")
-    p.add_argument("--suite", default="mini", help="mini, proxy (4 tasks on 200 images, each rate tuned on val: the "
-                   "suite calibrated against VTAB-1k), vtab1k, fgvc, or offline tasks as a comma-separated list of "
+    p.add_argument("--suite", default="mini", help="mini, proxy (4 tasks on 100 images, a FractalDB-1k-scale backbone, "
+                   "each rate tuned on val over two seeds: the suite calibrated against VTAB-1k), vtab1k, fgvc, or "
+                   "offline tasks as a comma-separated list of "
                    "offline:TASK[:N] (N training images, default 800), e.g. offline:mnist:200,offline:clevr_count:200")
     p.add_argument("--methods", default="linear,full,bitfit,ssf,lora,adapter,vpt,rlrr,rlrr+pace,hta,apla", type=comma_list(),
                    help="comma-separated; peft tuners as peft:<tuner> (needs the peft group)")
@@ -59,9 +60,9 @@ def add_commands(sub) -> None:
                    help="choose each row's KEY per task on val first (a sweep at the first seed; test never read), "
                         "then run its cells with the choice; xF values are multiples of the row's own value, e.g. "
                         "--tune lr=x0.33,x1,x3 (repeatable)")
-    p.add_argument("--tune-seeds", type=at_least(1), default=1, metavar="N",
-                   help="score each tuning trial by its mean val over the first N of --seeds (default 1): a rate "
-                        "that diverges at one seed loses, at N times the tuning's cost")
+    p.add_argument("--tune-seeds", type=at_least(1), default=None, metavar="N",
+                   help="score each tuning trial by its mean val over the first N of --seeds: a rate that diverges "
+                        "at one seed loses, at N times the tuning's cost (default: 1; the proxy suite's own: 2)")
     p.add_argument("--output", default="runs/bench", type=path_arg)
     add_execution_args(p)
     p.add_argument("--agreement-only", action="store_true",

@@ -74,7 +74,8 @@ def run_experiment(model: str, weights: str | None, data: str, output: str | Pat
     if num_classes is None:
         set_num_classes(base, splits.num_classes)
     base.backbone_fingerprint = fingerprint(base)  # once; every copy the trainer makes inherits it
-    settings = {"model": model, "backbone_fingerprint": base.backbone_fingerprint, "data": data, "method": method,
+    settings = {"model": model, "weights": str(weights), "backbone_fingerprint": base.backbone_fingerprint, "data": data,
+                "method": method,
                 "method_options": dataclasses.asdict(mcfg), "num_classes": splits.num_classes,
                 "drop_path": drop_path, "img_size": img_size, "aug": aug or task.get("aug")}
 

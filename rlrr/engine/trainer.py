@@ -219,7 +219,8 @@ class Trainer:
             return None
         saved = json.loads(self.read_checkpoint()["state"])
         old, new = saved.get("settings", {}), self.state["settings"]
-        changed = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+        # a key the checkpoint lacks is an option added since, whose default keeps the old behaviour
+        changed = [k for k in old if old[k] != new.get(k)]
         if changed:
             diff = ", ".join(f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in changed)
             raise TrainingStopped(f"--resume: {self.ckpt_path} was saved with {diff}; resume with the same "

@@ -60,7 +60,7 @@ def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"{done} is not readable JSON (a cell cut off mid-write?); delete {cell} to re-run "
                              "that cell") from None
-        changed = changes(res, model, spec, method, method_opts, settings)
+        changed = changes(res, model, spec, method, method_opts, settings, weights)
         if changed:
             raise ValueError(f"{cell} was run with {changed}; delete that folder to re-run it with the current "
                              "settings, or pass another --output")
@@ -76,16 +76,17 @@ def run_cell(cell: Path, label: str, model: str, weights: str, spec: str, method
 RUN_OPTIONS = ("drop_path", "aug", "img_size", "num_classes", "skip_bad_images")
 
 
-def changes(res: dict, model: str, spec: str, method: str, method_opts: dict | None, settings: dict) -> str:
+def changes(res: dict, model: str, spec: str, method: str, method_opts: dict | None, settings: dict,
+            weights: str) -> str:
     """What a finished cell's summary.json recorded that differs from what the cell would use now
-    ('' when nothing): every training value, every method option, and the model and data.  A value the
+    ('' when nothing): every training value, every method option, the model, its weights and the data.  A value the
     record lacks belongs to an option added since, whose default keeps the old behaviour: not a change."""
     settings = dict(settings)
     run = {k: settings.pop(k) for k in RUN_OPTIONS if k in settings}
     task, cfg, mcfg = plan(spec, method, method_opts, **settings)
     recorded = res.get("settings", {})
     given = {"drop_path": task.get("drop_path", 0.0) if run.get("drop_path") is None else run["drop_path"],
-             "aug": run.get("aug") or task.get("aug"), "img_size": run.get("img_size")}
+             "aug": run.get("aug") or task.get("aug"), "img_size": run.get("img_size"), "weights": str(weights)}
     extra = {k: v for k, v in given.items() if k in recorded}
     now = flat({**cfg.settings(), "method": asdict(mcfg), "model": model, "data": spec, **extra})
     was = flat({**{k: v for k, v in res["config"].items() if k in cfg.settings()},
