@@ -4,7 +4,7 @@ table of every lever recorded so far.
 A lever is one change to the proxy (training images, tasks, tuning, epochs, backbone) measured by how the
 bench's method ranking agrees with the published VTAB-1k one (``rlrr.grid.agreement``).  This script trains
 nothing: it reads ``<output>/results.csv`` and ``agreement.json`` (what ``rlrr bench`` wrote), adds up the
-CPU time its cells and tuning trials took, appends one row to ``benchmarks/results/proxy_levers.jsonl`` and
+training time its cells and tuning trials took (on the CPU, or the device named), appends one row to ``benchmarks/results/proxy_levers.jsonl`` and
 copies the per-cell rows to ``benchmarks/results/<name>.csv`` (each with its rate, commit and rerun line).
 
     python benchmarks/proxy_levers.py --output runs/lever --name proxy_n200_tuned \
@@ -32,7 +32,7 @@ def cpu_seconds(out: Path) -> float:
     return sum(json.loads(p.read_text()).get("train_wall_s", 0.0) for p in out.rglob("summary.json"))
 
 
-def record(out: Path, name: str, lever: str, command: str) -> dict:
+def record(out: Path, name: str, lever: str, command: str, device: str = "cpu") -> dict:
     with open(out / "results.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     agreement = json.loads((out / "agreement.json").read_text())
@@ -40,7 +40,7 @@ def record(out: Path, name: str, lever: str, command: str) -> dict:
              for m in dict.fromkeys(r["method"] for r in rows)}
     row = {"name": name, "lever": lever, "command": command, "tasks": sorted({r["task"] for r in rows}),
            "seeds": sorted({int(r["seed"]) for r in rows}), "epochs": sorted({int(r["epochs"]) for r in rows}),
-           "methods": len(means), "cells": len(rows), "cpu_minutes": round(cpu_seconds(out) / 60, 1),
+           "methods": len(means), "cells": len(rows), "cpu_minutes": round(cpu_seconds(out) / 60, 1), "device": device,
            "spearman": agreement["spearman"], "kendall_tau_b": agreement["kendall"], "pairs_in_order": agreement["pairs"],
            "interval": agreement["interval"],
            "means": {m: round(v, 2) for m, v in means.items()}, "code": code_commit()}
@@ -73,10 +73,10 @@ def task_subsets(out: Path) -> str:
 def table() -> str:
     kept = [json.loads(line) for line in LEVERS.read_text().splitlines()]
     fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
-    return markdown_table(["lever", "tasks", "seeds", "cells", "CPU min", "Spearman ρ (95% over seeds)", "Kendall τ-b",
-                           "pairs in order"],
+    return markdown_table(["lever", "tasks", "seeds", "cells", "training min (where)", "Spearman ρ (95% over seeds)",
+                           "Kendall τ-b", "pairs in order"],
                           [[k["lever"], ", ".join(k["tasks"]), len(k["seeds"]), k["cells"],
-                            "—" if k["cpu_minutes"] is None else k["cpu_minutes"],
+                            "—" if k["cpu_minutes"] is None else f"{k['cpu_minutes']} ({k.get('device', 'cpu')})",
                             fmt(k["spearman"]) + (f" ({fmt(k['interval'][0])} to {fmt(k['interval'][1])})"
                                                   if k.get("interval") else ""),
                             fmt(k["kendall_tau_b"]), fmt(k["pairs_in_order"])] for k in kept])
@@ -88,12 +88,13 @@ if __name__ == "__main__":
     p.add_argument("--name", help="the lever's short name (the CSV's name under benchmarks/results/)")
     p.add_argument("--lever", help="what was changed, in words")
     p.add_argument("--command", help="the bench command that made the folder")
+    p.add_argument("--device", default="cpu", help="where its cells trained (cpu: the 2-core machine; or e.g. 'H200')")
     p.add_argument("--table", action="store_true", help="print the recorded levers as markdown")
     p.add_argument("--subsets", action="store_true", help="with --output: the agreement of every subset of its tasks")
     a = p.parse_args()
     if a.output and a.subsets:
         print(task_subsets(a.output))
     elif a.output:
-        print(json.dumps(record(a.output, a.name, a.lever, a.command), indent=1))
+        print(json.dumps(record(a.output, a.name, a.lever, a.command, a.device), indent=1))
     if a.table:
         print(table())
