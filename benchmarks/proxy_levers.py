@@ -4,8 +4,9 @@ table of every lever recorded so far.
 A lever is one change to the proxy (training images, tasks, tuning, epochs, backbone) measured by how the
 bench's method ranking agrees with the published VTAB-1k one (``rlrr.grid.agreement``).  This script trains
 nothing: it reads ``<output>/results.csv`` and ``agreement.json`` (what ``rlrr bench`` wrote), adds up the
-training time its cells and tuning trials took (on the CPU, or the device named), appends one row to ``benchmarks/results/proxy_levers.jsonl`` and
-copies the per-cell rows to ``benchmarks/results/<name>.csv`` (each with its rate, commit and rerun line).
+training time its cells and tuning trials took (on the CPU, or the device ``--device`` names), appends one row
+to ``benchmarks/results/proxy_levers.jsonl`` and copies the per-cell rows to ``benchmarks/results/<name>.csv``
+(each with its rate, commit and rerun line).
 
     python benchmarks/proxy_levers.py --output runs/lever --name proxy_n200_tuned \
         --lever "200 images, fractal task, rate tuned per task" --command "rlrr bench --suite proxy ..."

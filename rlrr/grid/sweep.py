@@ -5,7 +5,8 @@ read); Optuna draws the grid points (``GridSampler``, in a seeded random order, 
 random subset of the grid) and stops hopeless trials on their validation curve (``MedianPruner``).  The
 best trial's setting is written as ``best.yaml`` (a task YAML ``rlrr train --config`` takes), then
 retrained with the ``retrain`` protocol (pick the epoch on val, train on train+val, test once) in
-``final/<setting>/``: the only run that reads test.
+``final/<setting>/``: the only run that reads test.  With ``seeds`` every trial runs at each of them
+(``trials/<setting>/seed<k>/``) and is scored by their mean val, so a setting that diverges at one seed loses.
 
 Everything resumes, and a kill -9 at any point changes nothing: the grid is visited in one seeded order
 (``--budget`` is its first settings), trials live in an Optuna journal (``optuna.journal``) written under
