@@ -145,7 +145,7 @@ def test_bench_tune_chooses_each_rows_rate_on_val_and_says_which(tmp_path, capsy
     assert "every value of lr as a multiple" in capsys.readouterr().err
 
 
-def test_tuning_over_two_seeds_scores_each_rate_by_its_mean_val(tmp_path, capsys):
+def test_tuning_over_two_seeds_scores_each_rate_by_its_mean_val(tmp_path, capsys, monkeypatch):
     """--tune-seeds 2: every trial runs at seeds 0 and 1 and the rate with the best mean val wins (a rate
     that diverges at one seed loses), then the cells of every seed run with that one rate."""
     import csv
@@ -166,6 +166,12 @@ def test_tuning_over_two_seeds_scores_each_rate_by_its_mean_val(tmp_path, capsys
     for seed in (0, 1):
         cell = json.loads((out / "digits" / "rlrr_tuned" / f"seed{seed}" / "summary.json").read_text())
         assert cell["config"]["lr"] == chosen and cell["test_acc"] is not None
+    import rlrr.grid.bench
+    launched = []  # run again with workers: a finished bench is read back, no sweep or cell is handed to them
+    real = rlrr.grid.bench.launch
+    monkeypatch.setattr(rlrr.grid.bench, "launch", lambda calls, *a: launched.extend(calls) or real(calls, *a))
+    assert main(["bench", *suite, "--seeds", "0,1", "--tune-seeds", "2", "--workers", "2", "--output", str(out)]) == 0
+    assert launched == []
     capsys.readouterr()
     assert main(["bench", *suite, "--seeds", "0", "--tune-seeds", "2", "--output", str(out)]) == 2
     assert "--tune-seeds 2 tunes on the first 2 of --seeds, which has 1" in capsys.readouterr().err

@@ -129,8 +129,10 @@ def run_grid(suite: str, rows: list[Row], seeds: list[int], out: Path, root: str
                                            seeds=seeds[:tune_seeds], **settings)
                   for task, _, spec in cells for row in rows}
         if launcher.kind != "local" or launcher.workers > 1:  # every row's sweep at once, each trial after trial:
-            # no worker waits on a sweep's last trial, and workers start once, not once per sweep
-            launch([(f"tune {task} {row}", tune_row, kw) for (task, row), kw in sweeps.items()], launcher, out / "logs")
+            # no worker waits on a sweep's last trial, and workers start once, not once per sweep; a sweep with its
+            # choice written (best.yaml) is done and only read back below, so a finished bench starts no workers
+            launch([(f"tune {task} {row}", tune_row, kw) for (task, row), kw in sweeps.items()
+                    if not (kw["out"] / "best.yaml").is_file()], launcher, out / "logs")
         config = {key: str(tune_row(**kw)) for key, kw in sweeps.items()}  # the choices, read back (or run here)
     grid = [(task, group, spec, row, seed) for task, group, spec in cells for row in rows for seed in seeds]
     calls = [dict(cell=folder[task, row.folder] / f"seed{seed}", label=f"[{n}/{len(grid)}] {task} {row.label} seed {seed}",
