@@ -1,5 +1,6 @@
 """Formula-driven pre-training at FractalDB-1k scale: the data's block rule, and backbones of our own sizes."""
 import numpy as np
+import pytest
 import torch
 
 from rlrr.backbones import create_backbone
@@ -42,3 +43,24 @@ def test_a_backbone_of_another_size_is_pretrained_and_loaded_by_its_file(tmp_pat
     # a batch larger than the data would train on nothing: refused, naming the fix
     assert main(["pretrain", "--classes", "2", "--per-class", "5", "--output", str(tmp_path / "tiny")]) == 2
     assert "--batch-size 128 is more than the 10 training images" in capsys.readouterr().err
+
+
+def test_pretrained_tag_names_timms_tagged_weights(monkeypatch):
+    """``--weights pretrained:TAG`` on a timm model is timm's ``<model>.TAG``: an unknown tag is one line naming
+    the tags there are; a known one is asked of timm's pretrained path by that name (its download is timm's)."""
+    from rlrr.backbones import BackboneError, create_backbone
+    with pytest.raises(BackboneError) as e:
+        create_backbone("vit_tiny_patch16_224", "pretrained:bogus")
+    assert "no pretrained weights 'bogus' for vit_tiny_patch16_224" in str(e.value)
+    assert "pretrained:augreg_in21k" in str(e.value) and "\n" not in str(e.value)
+    import timm
+    asked = []
+
+    def offline(name, pretrained=False, **kwargs):
+        asked.append((name, pretrained))
+        raise OSError("no network")
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(BackboneError) as e:
+        create_backbone("vit_tiny_patch16_224", "pretrained:augreg_in21k")
+    assert asked == [("vit_tiny_patch16_224.augreg_in21k", True)]
+    assert "huggingface.co/timm/vit_tiny_patch16_224.augreg_in21k/" in str(e.value)  # the file to fetch by hand

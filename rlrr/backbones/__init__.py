@@ -224,10 +224,12 @@ def load_weights(model: torch.nn.Module, path: str | Path, sd: dict[str, torch.T
                             f"{unexpected[:3]}; use the weights of the matching architecture")
 
 
-def is_pretrained(weights: str | Path | None) -> bool:
-    """``pretrained`` (the hub's weights, or a small ViT's shipped ones) or ``pretrained:TAG`` (a small ViT's
-    shipped ``<model>.TAG.safetensors``): a name, not a file to look for."""
-    return str(weights).lower() == "pretrained" or str(weights).lower().startswith("pretrained:")
+def pretrained_tag(weights: str | Path | None) -> str | None:
+    """The tag ``weights`` names when it names pretrained weights rather than a file: ``""`` for
+    ``pretrained`` (the architecture's default), ``TAG`` for ``pretrained:TAG`` (timm's ``<model>.TAG``, or a
+    small ViT's shipped ``<model>.TAG.safetensors``); None for a file, a folder or none."""
+    kind, sep, tag = str(weights).partition(":")
+    return tag if kind.lower() == "pretrained" and (sep or not tag) else None
 
 
 def shipped_weights(name: str, tag: str) -> Path:
@@ -252,7 +254,8 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
     ``num_classes`` None: the classifier of a local weights file when it has one (a merged model keeps
     its head), else the architecture's default.
     The embedded backbone's ``"pretrained"`` is the fractal checkpoint shipped with the package, and
-    ``"pretrained:TAG"`` another one shipped beside it (``fractal1k``: the proxy suite's).
+    ``"pretrained:TAG"`` another one shipped beside it (``fractal1k``: the proxy suite's); for timm's
+    models ``"pretrained:TAG"`` is timm's ``<model>.TAG`` (e.g. ``augreg_in21k``).
     """
     if name.startswith(PREFIX):
         return create_hf(name[len(PREFIX):], weights, num_classes, **kwargs)
@@ -263,10 +266,11 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
                             " (timm.list_models('*part*') lists timm's names; hf:<hub id> for transformers)")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if name in SMALL_VITS and is_pretrained(weights):  # ours: no hub weights to fall back on
-        weights = shipped_weights(name, str(weights).partition(":")[2] or "fractal")
+    tag = pretrained_tag(weights)
+    if name in SMALL_VITS and tag is not None:  # ours: no hub weights to fall back on
+        weights, tag = shipped_weights(name, tag or "fractal"), None
     try:
-        if str(weights).lower() != "pretrained":
+        if tag is None:
             local = weights is not None and str(weights).lower() != "none"
             weights = weights_file(weights) if local else weights
             sd = read_state_dict(weights) if local and Path(weights).suffix != ".npz" and Path(weights).is_file() else None
@@ -279,7 +283,7 @@ def create_backbone(name: str, weights: str | Path | None = "pretrained", num_cl
             if local:
                 load_weights(model, weights, sd)
         else:
-            model = _create_pretrained(name, **kwargs)
+            model = _create_pretrained(f"{name}.{tag}" if tag else name, **kwargs)
     except BackboneError:
         raise
     except Exception as e:  # noqa: BLE001 - unknown names, impossible sizes: one line either way
@@ -316,6 +320,11 @@ def _create_pretrained(name: str, **kwargs) -> torch.nn.Module:
     """timm's pretrained path with short network timeouts, so an offline machine fails in seconds."""
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    if "." in name and name not in timm.list_pretrained(name):
+        arch = name.split(".")[0]
+        tags = ", ".join(f"pretrained:{t.split('.', 1)[1]}" for t in timm.list_pretrained(f"{arch}.*"))
+        raise BackboneError(f"timm has no pretrained weights {name.split('.', 1)[1]!r} for {arch}"
+                            f" ({f'it has {tags}' if tags else 'it has none'}); pass --weights pretrained or a file")
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - network, cache and hub errors all need the same advice

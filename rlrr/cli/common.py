@@ -42,8 +42,8 @@ def adapted_model(args, adapter=None):
 def local_weights(args) -> Path | None:
     """The weights file ``--weights`` names (a folder: the weights file in it); None for pretrained / none
     and for hf: models (which load their own and refuse --weights)."""
-    from ..backbones import is_pretrained, weights_file
-    local = args.weights != "none" and not is_pretrained(args.weights) and not args.model.startswith("hf:")
+    from ..backbones import pretrained_tag, weights_file
+    local = args.weights != "none" and pretrained_tag(args.weights) is None and not args.model.startswith("hf:")
     return weights_file(args.weights) if local else None
 
 
@@ -105,8 +105,8 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
                    help="timm architecture name, or hf:<hub id or local folder> (pip install 'rlrr[hf]')")
     p.add_argument("--weights", default="pretrained",
                    help="local .safetensors/.pth/.npz (or a downloaded Hub folder holding one), 'pretrained' "
-                        "(timm/HF cache; the shipped weights of our small ViTs), 'pretrained:TAG' (another shipped "
-                        "file: pretrained:fractal1k) or 'none' (random, tests only)")
+                        "(timm/HF cache; the shipped weights of our small ViTs), 'pretrained:TAG' (timm's <model>.TAG, "
+                        "e.g. pretrained:augreg_in21k; ours: pretrained:fractal1k) or 'none' (random, tests only)")
     p.add_argument("--img-size", type=at_least(1), default=None, help="override the input resolution")
     if adapter:
         p.add_argument("--adapter", default=None, help="adapter .safetensors written by rlrr train")
